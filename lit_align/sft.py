@@ -1,0 +1,56 @@
+"""Supervised fine-tuning: next-token negative log-likelihood (Radford et al. 2018; Ouyang et al. 2022 §3.5).
+
+The loss is the mean NLL over the tokens the completion mask marks (completion-only, TRL's default for
+prompt/completion data) or over every real token of the text (``completion_only_loss=False``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from datamodules.base import ATTENTION_MASK, COMPLETION_MASK, INPUT_IDS
+from lit_align.base import AlignmentModule, token_logprobs
+from lit_align.metrics import Perplexity
+
+
+class SFTModule(AlignmentModule):
+    """SFT (data mode ``text``); logs ``loss``, ``mean_token_accuracy`` and ``perplexity`` (token-weighted).
+
+    Args:
+        completion_only_loss: train on completion tokens only (True) or on the whole text (False).
+        **kwargs: see :class:`~lit_align.base.AlignmentModule`.
+    """
+
+    data_mode: ClassVar[str] = "text"
+    uses_reference: ClassVar[bool] = False
+    metric_names = ("loss", "mean_token_accuracy")
+
+    def __init__(self, completion_only_loss: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+    def extra_metrics(self) -> dict:
+        return {"perplexity": Perplexity}
+
+    def shared_step(self, batch: dict, stage: str) -> Tensor:
+        input_ids, attention_mask = batch[INPUT_IDS], batch[ATTENTION_MASK]
+        loss_mask = batch[COMPLETION_MASK] if self.hparams.completion_only_loss else attention_mask
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        token_logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+        mask = loss_mask[:, 1:].to(token_logps.dtype)
+        tokens = mask.sum()
+        loss = -(token_logps * mask).sum() / tokens.clamp_min(1)
+        correct = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).to(mask.dtype) * mask
+        self.log_values(
+            stage,
+            {
+                "loss": (loss, tokens),
+                "mean_token_accuracy": (correct.sum() / tokens.clamp_min(1), tokens),
+            },
+            batch_size=input_ids.shape[0],
+        )
+        perplexity = self.metrics.get(stage, "perplexity")
+        perplexity.update(token_logps, mask)
+        self.log(self.metrics.log_name(stage, "perplexity"), perplexity, on_step=False, on_epoch=True)
+        return loss
