@@ -1,7 +1,7 @@
 """The ``lit-align`` command: LightningCLI in subclass mode.
 
-    lit-align fit --config configs/hh/dpo.yaml [--data.data_path ...] [--trainer.max_steps ...]
-    lit-align fit --model lit_align.DPOModule --print_config
+lit-align fit --config configs/hh/dpo.yaml [--data.data_path ...] [--trainer.max_steps ...]
+lit-align fit --model lit_align.DPOModule --print_config
 """
 
 from __future__ import annotations

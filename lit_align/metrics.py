@@ -74,14 +74,14 @@ class StageMetrics(nn.Module):
             metrics = {self._key(name): MeanMetric() for name in self.names}
             for name, metric_class in (extra or {}).items():
                 metrics[self._key(name)] = metric_class()
-            self.stages[stage] = nn.ModuleDict(metrics)
+            self.stages[f"{stage}_metrics"] = nn.ModuleDict(metrics)
 
     @staticmethod
     def _key(name: str) -> str:
         return name.replace("/", "__")  # ModuleDict keys may not hold some characters used in TRL names
 
     def get(self, stage: str, name: str) -> Metric:
-        return self.stages[stage][self._key(name)]
+        return self.stages[f"{stage}_metrics"][self._key(name)]
 
     def log_name(self, stage: str, name: str) -> str:
         return self.PREFIXES[stage] + name

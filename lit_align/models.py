@@ -73,7 +73,9 @@ def embedded_model_dir() -> Path:
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         config = quantized.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -128,7 +130,9 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         return LlamaForCausalLM(tiny_llama_config(**overrides))
 
 
-def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0) -> PreTrainedModel:
+def load_causal_lm(
+    name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0
+) -> PreTrainedModel:
     """Load a causal LM by alias, local directory or Hub id (``seed`` only affects ``tiny-llama``)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name == TINY_MODEL:
@@ -136,7 +140,9 @@ def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float
     return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
 
 
-def load_sequence_classifier(name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0) -> PreTrainedModel:
+def load_sequence_classifier(
+    name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0
+) -> PreTrainedModel:
     """Load a scalar-output sequence classifier (reward model) on top of a causal LM checkpoint."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name == TINY_MODEL:
@@ -156,7 +162,9 @@ class LoraSettings:
     target_modules: list[str] | str = field(default="all-linear")
 
 
-def apply_lora(model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+def apply_lora(
+    model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 

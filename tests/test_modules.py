@@ -1,0 +1,211 @@
+"""The LightningModules on real HH pairs with a tiny Llama: learning, reference handling, export, safety."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from datamodules import HHDataModule
+from lit_align import DPOModule, KTOModule, LoraSettings, RewardModelModule, SFTModule
+
+
+def trainer(**overrides) -> L.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(overrides)
+    return L.Trainer(**settings)
+
+
+def hh(hh_dir, **overrides) -> HHDataModule:
+    settings = dict(
+        data_path=str(hh_dir),
+        subsets=["helpful-base"],
+        train_split="test",
+        val_split=None,
+        limit_train=16,
+        batch_size=8,
+        max_length=48,
+        max_prompt_length=32,
+    )
+    settings.update(overrides)
+    return HHDataModule(**settings)
+
+
+def metric(trainer_: L.Trainer, name: str) -> float:
+    return float(trainer_.callback_metrics[name])
+
+
+def evaluate_on_train(module, datamodule) -> dict[str, float]:
+    """Validation metrics on the training pairs themselves (the set the module was fitted on)."""
+    datamodule.setup("validate")
+    evaluator = trainer()
+    evaluator.validate(module, dataloaders=datamodule.dataloader("train"), verbose=False)
+    return {k: float(v) for k, v in evaluator.callback_metrics.items()}
+
+
+def test_dpo_learns_the_training_preferences(hh_dir):
+    torch.manual_seed(0)
+    module = DPOModule(model="tiny-llama", beta=0.1, learning_rate=2e-3, lr_scheduler="constant")
+    data = hh(hh_dir)
+    before = None
+    fit = trainer(max_epochs=12)
+    data.configure(tokenizer=module.tokenizer, mode="pair")
+    module.configure_model()
+    before = evaluate_on_train(module, data)
+    fit.fit(module, datamodule=data)
+    after = evaluate_on_train(module, data)
+    assert before["eval_rewards/accuracies"] == 0.0  # policy == reference: every margin is exactly 0
+    assert after["eval_rewards/accuracies"] > 0.9
+    assert after["eval_rewards/margins"] > 0.5
+    assert after["eval_loss"] < before["eval_loss"] - 0.2
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "robust", "simpo"])
+def test_dpo_variants_train_and_improve_margins(hh_dir, loss_type):
+    torch.manual_seed(0)
+    kwargs = {"label_smoothing": 0.1} if loss_type == "robust" else {}
+    module = DPOModule(
+        model="tiny-llama", loss_type=loss_type, learning_rate=2e-3, lr_scheduler="constant", **kwargs
+    )
+    data = hh(hh_dir)
+    trainer(max_epochs=4).fit(module, datamodule=data)
+    after = evaluate_on_train(module, data)
+    assert after["eval_rewards/margins"] > 0
+    assert (module.reference is None) == (loss_type == "simpo")
+
+
+def test_precomputed_reference_gives_the_same_training_and_releases_the_reference(hh_dir):
+    runs = {}
+    for precompute in (False, True):
+        torch.manual_seed(0)
+        module = DPOModule(model="tiny-llama", learning_rate=1e-3, precompute_ref_logps=precompute)
+        data = hh(hh_dir, limit_train=16, holdout=8)
+        trainer(max_steps=3, limit_val_batches=1).fit(module, datamodule=data)
+        runs[precompute] = module
+    assert runs[True].reference is None and runs[False].reference is not None
+    assert set(runs[True].reference_table) == {"train", "val"}
+    for (name, a), b in zip(runs[False].policy.state_dict().items(), runs[True].policy.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(hh_dir):
+    torch.manual_seed(0)
+    module = DPOModule(
+        model="tiny-llama",
+        learning_rate=5e-3,
+        lr_scheduler="constant",
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    data = hh(hh_dir)
+    module.configure_model()
+    assert module.reference is None
+    trainable = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
+    assert trainable < 0.05 * sum(p.numel() for p in module.policy.parameters())
+    trainer(max_epochs=3).fit(module, datamodule=data)
+    after = evaluate_on_train(module, data)
+    assert after["eval_rewards/margins"] > 0  # adapters moved the policy away from the adapter-free reference
+    # the reference forward really is the base model: equal to a fresh tiny model with the same seed
+    batch = next(iter(data.dataloader("train")))
+    fresh = DPOModule(model="tiny-llama")
+    fresh.configure_model()
+    inputs = (batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_completion_mask"])
+    torch.testing.assert_close(module.reference_logprobs(*inputs).logps, fresh.policy_logprobs(*inputs).logps)
+
+
+def test_kto_moves_desirable_and_undesirable_rewards_apart(hh_dir):
+    torch.manual_seed(0)
+    module = KTOModule(model="tiny-llama", beta=0.1, learning_rate=2e-3, lr_scheduler="constant")
+    data = hh(hh_dir)
+    trainer(max_epochs=8).fit(module, datamodule=data)
+    after = evaluate_on_train(module, data)
+    assert after["eval_rewards/chosen"] > after["eval_rewards/rejected"] + 0.5
+    torch.testing.assert_close(
+        torch.tensor(after["eval_rewards/margins"]),
+        torch.tensor(after["eval_rewards/chosen"] - after["eval_rewards/rejected"]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    assert after["eval_kl"] >= 0
+
+
+def test_kto_rejects_batch_size_one(hh_dir):
+    module = KTOModule(model="tiny-llama")
+    with pytest.raises(ValueError, match="2"):
+        trainer(max_steps=1).fit(module, datamodule=hh(hh_dir, batch_size=1))
+
+
+def test_sft_loss_is_cross_entropy_on_completion_tokens(hh_dir):
+    module = SFTModule(model="tiny-llama")
+    module.configure_model()
+    data = hh(hh_dir, limit_train=4).configure(tokenizer=module.tokenizer, mode="text")
+    data.setup("fit")
+    batch = next(iter(data.dataloader("train")))
+    module.log = lambda *args, **kwargs: None  # outside a Trainer
+    loss = module.shared_step(batch, "train")
+    logits = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+    module.hparams.completion_only_loss = False
+    labels_all = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:]
+    expected_all = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels_all.flatten(), ignore_index=-100)
+    torch.testing.assert_close(module.shared_step(batch, "train"), expected_all)
+
+
+def test_sft_lowers_perplexity_and_exports_a_loadable_model(hh_dir, tmp_path):
+    torch.manual_seed(0)
+    module = SFTModule(model="tiny-llama", learning_rate=3e-3, export_dir=str(tmp_path / "export"))
+    data = hh(hh_dir)
+    data.configure(tokenizer=module.tokenizer, mode="text")
+    module.configure_model()
+    before = evaluate_on_train(module, data)
+    trainer(max_epochs=4).fit(module, datamodule=data)
+    after = evaluate_on_train(module, data)
+    assert after["eval_perplexity"] < 0.5 * before["eval_perplexity"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    ids = torch.tensor([[5, 17, 300, 2]])
+    torch.testing.assert_close(reloaded(ids).logits, module.policy(ids).logits)
+
+
+def test_reward_model_scores_the_last_real_token_and_learns(hh_dir):
+    torch.manual_seed(0)
+    module = RewardModelModule(model="tiny-llama", learning_rate=2e-3, lr_scheduler="constant")
+    module.configure_model()
+    # independent check of the pooling: with a pad id that never occurs, the HF head pools the last token
+    ids = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 14]])
+    module.policy.config.pad_token_id = 0
+    expected = module.policy(input_ids=ids).logits.squeeze(-1)
+    torch.testing.assert_close(module.scores(ids, torch.ones_like(ids)), expected)
+    # right padding: the score of a padded row equals the score of the same row unpadded
+    padded = torch.tensor([[7, 8, 9, 2, 2]])
+    torch.testing.assert_close(
+        module.scores(padded, torch.tensor([[1, 1, 1, 0, 0]])), module.scores(padded[:, :3], torch.ones(1, 3))
+    )
+    data = hh(hh_dir)
+    trainer(max_epochs=10).fit(module, datamodule=data)
+    after = evaluate_on_train(module, data)
+    assert after["eval_rewards/accuracies"] > 0.9
+
+
+def test_non_finite_loss_stops_training_with_a_clear_message(hh_dir):
+    module = DPOModule(model="tiny-llama")
+    module.configure_model()
+    with torch.no_grad():
+        module.policy.model.norm.weight.fill_(float("nan"))  # every logit becomes NaN
+    with pytest.raises(FloatingPointError, match="non-finite loss .* global step 0 on dataset rows"):
+        trainer(max_steps=2).fit(module, datamodule=hh(hh_dir, limit_train=8))
+
+
+def test_unknown_loss_type_is_refused():
+    with pytest.raises(ValueError, match="sigmoid"):
+        DPOModule(model="tiny-llama", loss_type="dpo")
