@@ -101,9 +101,7 @@ def require_type(
     """Return ``row[field]`` if it is an instance of ``kind`` (bools never count as ints), else raise."""
     value = row.get(field) if isinstance(row, dict) else None
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise DataValidationError(
-            f"{where}: field '{name or field}': expected {what}, got {_type_name(value)}"
-        )
+        raise DataValidationError(f"{where}: field '{name or field}': expected {what}, got {_type_name(value)}")
     return value
 
 
@@ -152,9 +150,7 @@ def _read_json_lines(path: str, cause: Exception | None) -> list[tuple[int, dict
                 except json.JSONDecodeError as err:
                     raise DataValidationError(f"{path}: row {number}: invalid JSON: {err}") from err
                 if not isinstance(row, dict):
-                    raise DataValidationError(
-                        f"{path}: row {number}: expected a JSON object, got {type(row).__name__}"
-                    )
+                    raise DataValidationError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
                 rows.append((number, row))
     except (OSError, UnicodeDecodeError, EOFError) as err:
         raise DataValidationError(f"{path}: cannot read as JSON lines: {err}") from err
@@ -174,9 +170,7 @@ def read_hub(hub_id: str, split: str, **kwargs: Any) -> Iterator[RawRow]:
             f"{hub_id}: cannot load split '{split}' ({kwargs or 'default config'}) from the Hub: {err}. "
             "Offline? Pass data_path= a local directory or file instead."
         ) from err
-    source = f"{hub_id}[{split}]" + (
-        f"{{{', '.join(f'{k}={v}' for k, v in kwargs.items())}}}" if kwargs else ""
-    )
+    source = f"{hub_id}[{split}]" + (f"{{{', '.join(f'{k}={v}' for k, v in kwargs.items())}}}" if kwargs else "")
     for number, row in enumerate(data, start=1):
         yield source, number, row
 
@@ -243,14 +237,12 @@ class Collator:
                 batch[REFERENCE] = [it[REFERENCE] for it in items]
         elif self.mode == "pair":
             chosen, rejected = [it["chosen_ids"] for it in items], [it["rejected_ids"] for it in items]
-            width = max(
-                len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True)
-            )
+            width = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True))
             batch[CHOSEN_INPUT_IDS], batch[CHOSEN_ATTENTION_MASK], batch[CHOSEN_COMPLETION_MASK] = _right_pad(
                 prompts, chosen, self.pad_id, width
             )
-            batch[REJECTED_INPUT_IDS], batch[REJECTED_ATTENTION_MASK], batch[REJECTED_COMPLETION_MASK] = (
-                _right_pad(prompts, rejected, self.pad_id, width)
+            batch[REJECTED_INPUT_IDS], batch[REJECTED_ATTENTION_MASK], batch[REJECTED_COMPLETION_MASK] = _right_pad(
+                prompts, rejected, self.pad_id, width
             )
             for key in (PROMPT, CHOSEN, REJECTED):
                 batch[key] = [it[key] for it in items]
@@ -398,8 +390,7 @@ class BenchmarkDataModule(LightningDataModule):
             if os.path.isfile(candidate):
                 return [candidate]
         raise FileNotFoundError(
-            f"{path}: no {split}.jsonl.gz or {split}.jsonl for split '{split}' (found: "
-            f"{sorted(os.listdir(path))})"
+            f"{path}: no {split}.jsonl.gz or {split}.jsonl for split '{split}' (found: {sorted(os.listdir(path))})"
         )
 
     # ---- configuration ----
@@ -430,9 +421,7 @@ class BenchmarkDataModule(LightningDataModule):
                 "the datamodule's mode=, or the LightningModule's data_mode)"
             )
         if mode == "unpaired" and min(self.batch_size, self.eval_batch_size) < 2:
-            raise ValueError(
-                "unpaired (KTO-style) batches need >= 2 rows: set batch_size and eval_batch_size >= 2"
-            )
+            raise ValueError("unpaired (KTO-style) batches need >= 2 rows: set batch_size and eval_batch_size >= 2")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; completions need an EOS")
         return tokenizer, mode
@@ -483,9 +472,7 @@ class BenchmarkDataModule(LightningDataModule):
         val = None
         if self.holdout > 0:
             if self.holdout >= len(train):
-                raise ValueError(
-                    f"holdout={self.holdout} leaves no train rows (the train split has {len(train)})"
-                )
+                raise ValueError(f"holdout={self.holdout} leaves no train rows (the train split has {len(train)})")
             order = list(range(len(train)))
             random.Random(self.seed).shuffle(order)
             val = [train[i] for i in order[: self.holdout]]
@@ -527,9 +514,7 @@ class BenchmarkDataModule(LightningDataModule):
             return [{PROMPT: r[PROMPT]} for r in records]
         if self.native_mode in ("unpaired", "prompt") and mode == "text" and REFERENCE in records[0]:
             return [{PROMPT: r[PROMPT], COMPLETION: r[REFERENCE]} for r in records]
-        raise ValueError(
-            f"{type(self).__name__} provides {self.native_mode} data; it cannot serve mode {mode!r}"
-        )
+        raise ValueError(f"{type(self).__name__} provides {self.native_mode} data; it cannot serve mode {mode!r}")
 
     # ---- tokenization and truncation ----
 
@@ -558,9 +543,7 @@ class BenchmarkDataModule(LightningDataModule):
                 if len(ids) > self.max_prompt_length:
                     prompts[i] = ids[len(ids) - self.max_prompt_length :]
                     stats["prompt_truncated"] += 1
-            fields = {"pair": (CHOSEN, REJECTED), "unpaired": (COMPLETION,), "text": (COMPLETION,)}.get(
-                mode, ()
-            )
+            fields = {"pair": (CHOSEN, REJECTED), "unpaired": (COMPLETION,), "text": (COMPLETION,)}.get(mode, ())
             encoded = {f: self._encode([r[f] for r in records]) for f in fields}
             for i, (record, prompt_ids) in enumerate(zip(records, prompts, strict=True)):
                 item = {"prompt_ids": prompt_ids, **record}
@@ -655,9 +638,7 @@ class BenchmarkDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.dataset("train")
-        return self._loader(
-            data, "train", self.shuffle, self.batch_size, drop_last_partial=data.mode == "unpaired"
-        )
+        return self._loader(data, "train", self.shuffle, self.batch_size, drop_last_partial=data.mode == "unpaired")
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_split("val"):

@@ -65,9 +65,7 @@ class TLDRDataModule(BenchmarkDataModule):
             if os.path.isfile(path):
                 files = [path]
             else:
-                files = sorted(
-                    os.path.join(path, f) for f in os.listdir(path) if f.endswith((".jsonl", ".jsonl.gz"))
-                )
+                files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".jsonl", ".jsonl.gz")))
                 if not files:
                     raise FileNotFoundError(f"{path}: no .jsonl or .jsonl.gz files")
             rows = (raw for file in files for raw in read_json_file(file))
@@ -93,14 +91,10 @@ class TLDRDataModule(BenchmarkDataModule):
 
     def parse_row(self, row: dict, where: str) -> dict:
         info = require_type(row, "info", where, dict, "an object {post, title, subreddit}")
-        post, title, subreddit = (
-            require_str(info, f, where, name=f"info.{f}") for f in ("post", "title", "subreddit")
-        )
+        post, title, subreddit = (require_str(info, f, where, name=f"info.{f}") for f in ("post", "title", "subreddit"))
         summaries = require_type(row, "summaries", where, list, "a list of 2 summaries")
         if len(summaries) != 2:
-            raise DataValidationError(
-                f"{where}: field 'summaries': expected 2 summaries, got {len(summaries)}"
-            )
+            raise DataValidationError(f"{where}: field 'summaries': expected 2 summaries, got {len(summaries)}")
         texts = []
         for i, summary in enumerate(summaries):
             texts.append(require_str(summary, "text", where, name=f"summaries[{i}].text"))

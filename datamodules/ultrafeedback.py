@@ -55,15 +55,12 @@ class UltraFeedbackDataModule(BenchmarkDataModule):
     def _messages(self, row: dict, field: str, where: str) -> list[dict]:
         messages = require_type(row, field, where, list, "a list of {role, content} messages")
         if not messages:
-            raise DataValidationError(
-                f"{where}: field '{field}': expected a non-empty list of messages, got []"
-            )
+            raise DataValidationError(f"{where}: field '{field}': expected a non-empty list of messages, got []")
         for i, message in enumerate(messages):
             role = require_str(message, "role", where, name=f"{field}[{i}].role")
             if role not in _PLAIN_ROLES:
                 raise DataValidationError(
-                    f"{where}: field '{field}[{i}].role': expected one of {sorted(_PLAIN_ROLES)}, got "
-                    f"{role!r}"
+                    f"{where}: field '{field}[{i}].role': expected one of {sorted(_PLAIN_ROLES)}, got {role!r}"
                 )
             require_str(message, "content", where, name=f"{field}[{i}].content")
         if messages[-1]["role"] != "assistant":

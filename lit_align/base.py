@@ -145,9 +145,7 @@ class AlignmentModule(L.LightningModule):
             if self.hparams.reference_model is None:
                 reference = copy.deepcopy(policy)
             else:
-                reference = load_causal_lm(
-                    self.hparams.reference_model, self.hparams.dtype, self.hparams.seed
-                )
+                reference = load_causal_lm(self.hparams.reference_model, self.hparams.dtype, self.hparams.seed)
             self.reference = reference.eval().requires_grad_(False)
         if self.hparams.disable_dropout:
             for module in policy.modules():
@@ -190,9 +188,7 @@ class AlignmentModule(L.LightningModule):
 
     # ---- log-probs ------------------------------------------------------------------------------------------
 
-    def policy_logprobs(
-        self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-    ) -> SequenceLogps:
+    def policy_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
         return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask)
 
     def reference_context(self):
@@ -200,9 +196,7 @@ class AlignmentModule(L.LightningModule):
         return self.policy.disable_adapter() if self.uses_lora else nullcontext()
 
     @torch.no_grad()
-    def reference_logprobs(
-        self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-    ) -> SequenceLogps:
+    def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
         if self.reference is not None:
             return sequence_logprobs(self.reference, input_ids, attention_mask, completion_mask)
         if self.uses_lora:
@@ -229,9 +223,7 @@ class AlignmentModule(L.LightningModule):
 
     # ---- metrics and safety ---------------------------------------------------------------------------------
 
-    def log_values(
-        self, stage: str, values: dict[str, Tensor | tuple[Tensor, Tensor]], batch_size: int
-    ) -> None:
+    def log_values(self, stage: str, values: dict[str, Tensor | tuple[Tensor, Tensor]], batch_size: int) -> None:
         """Update each stage metric with per-example values (or ``(value, weight)``) and log the metric object."""
         for name, value in values.items():
             metric = self.metrics.get(stage, name)
@@ -300,9 +292,7 @@ class AlignmentModule(L.LightningModule):
         if isinstance(self.policy, FSDPModule):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            state = get_model_state_dict(
-                self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
+            state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
         model = self.policy

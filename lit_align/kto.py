@@ -65,9 +65,7 @@ class KTOModule(AlignmentModule):
         kl_inputs = (batch[KL_INPUT_IDS], batch[KL_ATTENTION_MASK], batch[KL_COMPLETION_MASK])
         with torch.no_grad():
             log_ratio = self.policy_logprobs(*kl_inputs).logps - self.reference_logprobs(*kl_inputs).logps
-        total = torch.stack(
-            [log_ratio.sum(), torch.tensor(float(log_ratio.numel()), device=log_ratio.device)]
-        )
+        total = torch.stack([log_ratio.sum(), torch.tensor(float(log_ratio.numel()), device=log_ratio.device)])
         total = self.trainer.strategy.reduce(total, reduce_op="sum")
         return (total[0] / total[1]).clamp_min(0).detach()
 

@@ -462,8 +462,7 @@ def preference_loss(
     """
     if loss_type not in PREFERENCE_LOSSES:
         raise ValueError(
-            f"Unknown preference loss_type {loss_type!r}; valid names are: "
-            f"{', '.join(sorted(PREFERENCE_LOSSES))}"
+            f"Unknown preference loss_type {loss_type!r}; valid names are: {', '.join(sorted(PREFERENCE_LOSSES))}"
         )
     fn = PREFERENCE_LOSSES[loss_type]
     kwargs: dict[str, object] = {

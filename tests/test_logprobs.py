@@ -14,9 +14,7 @@ def test_token_logprobs_matches_naive_full_precision():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 50) * 4
     labels = torch.randint(0, 50, (3, 7))
-    torch.testing.assert_close(
-        token_logprobs(logits, labels).double(), naive(logits, labels), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(token_logprobs(logits, labels).double(), naive(logits, labels), atol=1e-5, rtol=0)
 
 
 def test_token_logprobs_half_precision_is_upcast_per_row():

@@ -53,9 +53,7 @@ def deltas() -> list[float]:
 
 
 def ref_rewards(beta: float) -> tuple[list[float], list[float]]:
-    return [beta * (p - r) for p, r in zip(PC, RC, strict=True)], [
-        beta * (p - r) for p, r in zip(PR, RR, strict=True)
-    ]
+    return [beta * (p - r) for p, r in zip(PC, RC, strict=True)], [beta * (p - r) for p, r in zip(PR, RR, strict=True)]
 
 
 def ref_inputs(requires_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -347,9 +345,7 @@ def test_dispatcher_matches_direct_calls():
         preference_loss("ipo", **common, **refs, **lengths).losses,
         ipo_loss(**ref_inputs(), beta=BETA, **lengths).losses,
     )
-    assert_close(
-        preference_loss("hinge", **common, **refs).losses, hinge_loss(**ref_inputs(), beta=BETA).losses
-    )
+    assert_close(preference_loss("hinge", **common, **refs).losses, hinge_loss(**ref_inputs(), beta=BETA).losses)
     assert_close(
         preference_loss("robust", **common, **refs, label_smoothing=EPS).losses,
         robust_loss(**ref_inputs(), beta=BETA, label_smoothing=EPS).losses,
