@@ -156,7 +156,7 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False
-        self.policy = policy
+        self.policy = policy.train()  # from_pretrained returns eval mode; HF checkpointing needs train mode
         self._shard_for_model_parallel()
 
     lora_task_type: ClassVar[str] = "CAUSAL_LM"

@@ -14,9 +14,9 @@ from datamodules.base import BenchmarkDataModule
 from lit_align.base import AlignmentModule
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return LightningCLI(
+    LightningCLI(
         AlignmentModule,
         BenchmarkDataModule,
         subclass_mode_model=True,

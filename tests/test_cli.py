@@ -1,0 +1,76 @@
+"""The `lit-align` console script end to end (subprocess), on the shipped configs with a tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*/*.yaml"))
+
+
+def lit_align(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(["lit-align", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def tiny_overrides(hh_dir: Path, out: Path) -> list[str]:
+    return [
+        "--model.init_args.model", "tiny-llama",
+        "--data.init_args.data_path", str(hh_dir),
+        "--data.init_args.train_split", "test",
+        "--data.init_args.val_split", "null",
+        "--data.init_args.holdout", "8",
+        "--data.init_args.limit_train", "8",
+        "--data.init_args.max_length", "48",
+        "--data.init_args.max_prompt_length", "32",
+        "--trainer.max_steps", "2",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(out),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["hh/dpo.yaml", "hh/kto.yaml"])
+def test_fit_two_steps_from_a_shipped_config(tmp_path, hh_dir, config):
+    result = lit_align(
+        "fit", "--config", str(REPO / "configs" / config), *tiny_overrides(hh_dir, tmp_path), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "eval_rewards/chosen" in metrics and "rewards/chosen_step" in metrics
+    saved = yaml.safe_load(next(tmp_path.rglob("config.yaml")).read_text())
+    assert saved["model"]["init_args"]["model"] == "tiny-llama"
+
+
+def test_validate_and_print_config(tmp_path, hh_dir):
+    args = ["--config", str(REPO / "configs/hh/sft.yaml"), *tiny_overrides(hh_dir, tmp_path)]
+    result = lit_align("validate", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = lit_align("fit", *args, "--print_config", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    config = yaml.safe_load(printed.stdout)
+    assert config["model"]["class_path"] == "lit_align.SFTModule"
+    assert config["model"]["init_args"]["completion_only_loss"] is True
+    assert config["data"]["init_args"]["holdout"] == 8
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
+def test_every_shipped_config_parses(tmp_path, config):
+    result = lit_align("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = yaml.safe_load(result.stdout)
+    assert parsed["model"]["class_path"].startswith("lit_align.")
+    assert parsed["data"]["class_path"].startswith("datamodules.")
+
+
+def test_unknown_option_is_a_clear_error(tmp_path):
+    result = lit_align(
+        "fit", "--config", str(REPO / "configs/hh/dpo.yaml"), "--model.init_args.betta", "0.1", cwd=tmp_path
+    )
+    assert result.returncode != 0
+    assert "betta" in result.stderr
