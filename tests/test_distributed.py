@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_align.models import load_tokenizer, tiny_llama
 
@@ -39,9 +40,41 @@ def test_ddp_metrics_equal_single_process(tmp_path, hh_dir):
     reference = save_tiny(tmp_path / "reference", seed=0)
     single = run_validation(1, tmp_path / "one.json", str(hh_dir), policy, reference)
     double = run_validation(2, tmp_path / "two.json", str(hh_dir), policy, reference)
-    names = ["eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins",
-             "eval_rewards/accuracies", "eval_logps/chosen", "eval_logps/rejected"]
+    names = [
+        "eval_loss",
+        "eval_rewards/chosen",
+        "eval_rewards/rejected",
+        "eval_rewards/margins",
+        "eval_rewards/accuracies",
+        "eval_logps/chosen",
+        "eval_logps/rejected",
+    ]
     assert set(names) <= set(single)
     assert single["eval_rewards/margins"] != 0.0  # different policy and reference: a non-trivial comparison
     for name in names:
         assert double[name] == pytest.approx(single[name], rel=1e-5, abs=1e-6), name
+
+
+def run_fsdp2(devices: int, out: Path, hh_dir: Path, export: Path, *strategy: str) -> dict[str, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = str(SCRIPTS / "fsdp2_dpo.py")
+    command = [sys.executable, script, str(devices), str(out), str(hh_dir), str(export), *strategy]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_fsdp2_training_and_export_match_a_single_process(tmp_path, hh_dir):
+    from transformers import AutoModelForCausalLM
+
+    single = run_fsdp2(1, tmp_path / "one.json", hh_dir, tmp_path / "one")
+    sharded = run_fsdp2(2, tmp_path / "two.json", hh_dir, tmp_path / "two")
+    assert sharded["sharded"] and not single["sharded"]
+    assert single["eval_rewards/margins"] != 0.0  # three optimizer steps moved the policy
+    for name in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"):
+        assert sharded[name] == pytest.approx(single[name], rel=1e-4, abs=1e-5), name
+    weights_one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    weights_two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    assert weights_one.keys() <= weights_two.keys()
+    for name, weight in weights_one.items():
+        torch.testing.assert_close(weights_two[name], weight, atol=1e-5, rtol=1e-4, msg=name)

@@ -209,3 +209,19 @@ def test_non_finite_loss_stops_training_with_a_clear_message(hh_dir):
 def test_unknown_loss_type_is_refused():
     with pytest.raises(ValueError, match="sigmoid"):
         DPOModule(model="tiny-llama", loss_type="dpo")
+
+
+@pytest.mark.slow
+def test_dpo_on_the_embedded_model_moves_margins_on_its_training_pairs(hh_dir):
+    torch.manual_seed(0)
+    module = DPOModule(
+        model="smollm2-135m-instruct",
+        learning_rate=1e-4,
+        lr_scheduler="constant",
+        lora=LoraSettings(r=8, alpha=16, dropout=0.0),
+    )
+    data = hh(hh_dir, limit_train=8, batch_size=4, max_length=96, max_prompt_length=64)
+    trainer(max_epochs=3).fit(module, datamodule=data)
+    after = evaluate_on_train(module, data)
+    assert after["eval_rewards/margins"] > 0.05
+    assert after["eval_rewards/accuracies"] > 0.5
