@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedModel, get_scheduler
 
+from datamodules.base import INDEX
 from lit_align.metrics import StageMetrics
 from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
 
@@ -241,7 +242,7 @@ class AlignmentModule(L.LightningModule):
             )
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        self._batch_index = batch.get("index") if isinstance(batch, dict) else None
+        self._batch_index = batch.get(INDEX) if isinstance(batch, dict) else None
 
     def on_before_backward(self, loss: Tensor) -> None:
         if not torch.isfinite(loss).all():

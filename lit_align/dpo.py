@@ -18,6 +18,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from datamodules.base import (
+    CHOSEN_ATTENTION_MASK,
+    CHOSEN_COMPLETION_MASK,
+    CHOSEN_INPUT_IDS,
+    INDEX,
+    REJECTED_ATTENTION_MASK,
+    REJECTED_COMPLETION_MASK,
+    REJECTED_INPUT_IDS,
+)
 from lit_align.base import AlignmentModule, SequenceLogps
 from lit_align.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
 
@@ -78,7 +87,7 @@ class DPOModule(AlignmentModule):
             return None, None
         table = self.reference_table.get(_split_of(stage))
         if table is not None:
-            rows = table[batch["index"]]
+            rows = table[batch[INDEX]]
             return rows[:, 0], rows[:, 1]
         logps = self.reference_logprobs(*_concatenated(batch)).logps
         return logps.chunk(2)
@@ -136,7 +145,7 @@ class DPOModule(AlignmentModule):
             rank_zero_info("precomputed reference log-probs; released the reference model")
 
     def _has_split(self, split: str) -> bool:
-        return self.trainer.datamodule is not None and self.trainer.datamodule.dataset(split) is not None
+        return self.trainer.datamodule is not None and self.trainer.datamodule.has_split(split)
 
     @torch.no_grad()
     def _precompute_split(self, split: str) -> Tensor:
@@ -154,7 +163,7 @@ class DPOModule(AlignmentModule):
         for batch in loader:
             batch = self.trainer.strategy.batch_to_device(batch)
             pair = torch.stack(self.reference_logprobs(*_concatenated(batch)).logps.float().chunk(2), dim=-1)
-            index = batch["index"]
+            index = batch[INDEX]
             if self.trainer.world_size > 1:
                 pair = self.all_gather(pair).flatten(0, 1)
                 index = self.all_gather(index).flatten()
@@ -166,9 +175,10 @@ class DPOModule(AlignmentModule):
 
 def _concatenated(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
     """[chosen; rejected] stacked on the batch axis (the DataModule pads both to one length)."""
-    return tuple(
-        torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], dim=0)
-        for key in ("input_ids", "attention_mask", "completion_mask")
+    return (
+        torch.cat([batch[CHOSEN_INPUT_IDS], batch[REJECTED_INPUT_IDS]]),
+        torch.cat([batch[CHOSEN_ATTENTION_MASK], batch[REJECTED_ATTENTION_MASK]]),
+        torch.cat([batch[CHOSEN_COMPLETION_MASK], batch[REJECTED_COMPLETION_MASK]]),
     )
 
 

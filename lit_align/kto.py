@@ -104,10 +104,10 @@ class KTOModule(AlignmentModule):
         return out.losses.mean()
 
     def on_train_start(self) -> None:
-        dataset = self.trainer.datamodule.dataset("train") if self.trainer.datamodule is not None else None
-        if dataset is None or LABEL not in getattr(dataset, "column_names", []):
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not datamodule.has_split("train"):
             return
-        labels = torch.as_tensor(dataset[LABEL]).bool()
+        labels = torch.tensor([bool(record[LABEL]) for record in datamodule.dataset("train").records])
         n_d, n_u = int(labels.sum()), int((~labels).sum())
         if n_u == 0 or n_d == 0:
             rank_zero_warn(f"KTO training data has {n_d} desirable and {n_u} undesirable rows")

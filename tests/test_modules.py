@@ -225,3 +225,9 @@ def test_dpo_on_the_embedded_model_moves_margins_on_its_training_pairs(hh_dir):
     after = evaluate_on_train(module, data)
     assert after["eval_rewards/margins"] > 0.05
     assert after["eval_rewards/accuracies"] > 0.5
+
+
+def test_kto_warns_when_weights_leave_the_papers_range(hh_dir):
+    module = KTOModule(model="tiny-llama", desirable_weight=3.0)
+    with pytest.warns(UserWarning, match=r"outside \[1, 4/3\].*n_D=8, n_U=8"):
+        trainer(max_steps=1).fit(module, datamodule=hh(hh_dir, limit_train=8))
