@@ -501,3 +501,51 @@ def preference_loss(
     if loss_type == "simpo":
         kwargs["gamma"] = gamma
     return fn(**kwargs)
+
+
+# ---- policy-gradient losses (PPO; Schulman et al. 2017) -------------------------------------------------------
+
+
+class ClippedLossOutput(NamedTuple):
+    """A masked-mean clipped loss and the fraction of tokens where the clipped branch was active."""
+
+    loss: Tensor
+    clipfrac: Tensor
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(π‖π_ref) from samples of π (Schulman 2020, "Approximating KL divergence").
+
+    With ``log r = log π_ref − log π``: ``k1 = −log r`` (unbiased, can be negative) and
+    ``k3 = (r − 1) − log r`` (unbiased, always ≥ 0, lower variance). TRL's ``kl_estimator`` names.
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator '{estimator}'; choose 'k1' or 'k3'")
+
+
+def clipped_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> ClippedLossOutput:
+    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), negated for minimisation, token-level masked mean:
+    ``L = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)))`` with ``ρ = exp(log π − log π_old)``."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    return ClippedLossOutput(loss, masked_mean((clipped > unclipped).float(), mask).detach())
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> ClippedLossOutput:
+    """Clipped value loss of PPO's reference implementation (as in TRL and OpenAI baselines):
+    ``L = ½·mean(max((V − R)², (clip(V, V_old ± ε_v) − R)²))``."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    return ClippedLossOutput(loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach())
