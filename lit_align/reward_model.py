@@ -49,17 +49,7 @@ class RewardModelModule(AlignmentModule):
         return model
 
     def scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """r(x, y) read at the last attended token of each right-padded row.
-
-        The classifier's own pooling looks for the last non-pad token id; our sequences end in EOS, which is
-        also the pad token for many tokenizers, so the position is taken from the attention mask instead.
-        """
-        model = _unwrap(self.policy)
-        trunk = getattr(model, model.base_model_prefix)
-        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        last = attention_mask.sum(-1).long() - 1
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return model.score(pooled).squeeze(-1).float()
+        return last_token_scores(self.policy, input_ids, attention_mask)
 
     def shared_step(self, batch: dict, stage: str) -> Tensor:
         input_ids = torch.cat([batch[CHOSEN_INPUT_IDS], batch[REJECTED_INPUT_IDS]])
@@ -79,3 +69,17 @@ class RewardModelModule(AlignmentModule):
             batch_size=chosen.shape[0],
         )
         return losses.mean()
+
+
+def last_token_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar scores of a sequence classifier read at the last attended token of each right-padded row.
+
+    The classifier's own pooling looks for the last token that is not the pad id; our sequences end in EOS,
+    which is also the pad token for many tokenizers, so the position is taken from the attention mask instead.
+    """
+    model = _unwrap(model)
+    trunk = getattr(model, model.base_model_prefix)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    last = attention_mask.sum(-1).long() - 1
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return model.score(pooled).squeeze(-1).float()

@@ -1,0 +1,225 @@
+"""Reward functions: frozen ``nn.Module``s called as ``reward(prompts, completions, batch) -> Tensor[B]``.
+
+Every reward here is frozen (no parameter requires grad, eval mode) and never enters an optimizer. Rewards that
+read text score either the completion alone (``text="completion"``, the default) or the prompt followed by the
+completion (``text="full"``, as TRL's IMDB sentiment example does).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+TEXT_CHOICES = ("completion", "full")
+
+
+class RewardFunction(nn.Module):
+    """Base class: subclasses implement ``score(prompts, completions, batch)``; ``forward`` freezes and no-grads."""
+
+    def __init__(self, text: str = "completion") -> None:
+        super().__init__()
+        if text not in TEXT_CHOICES:
+            raise ValueError(f"text={text!r}: choose one of {TEXT_CHOICES}")
+        self.text = text
+
+    def texts(self, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return (
+            list(completions)
+            if self.text == "completion"
+            else [p + c for p, c in zip(prompts, completions, strict=True)]
+        )
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None = None) -> Tensor:
+        return self.score(prompts, completions, batch).float()
+
+    def train(self, mode: bool = True) -> RewardFunction:  # rewards stay frozen whatever Lightning sets
+        return super().train(False)
+
+    def freeze(self) -> RewardFunction:
+        self.requires_grad_(False)
+        return self.eval()
+
+
+class LexiconSentimentReward(RewardFunction):
+    """VADER compound sentiment in [−1, 1] (Hutto & Gilbert 2014); runs offline, no model weights.
+
+    Args:
+        sign: +1 rewards positive sentiment, −1 negative.
+        text: score the ``completion`` alone or the ``full`` prompt + completion.
+    """
+
+    def __init__(self, sign: float = 1.0, text: str = "completion") -> None:
+        super().__init__(text)
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.sign = sign
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        compound = [self.analyzer.polarity_scores(text)["compound"] for text in self.texts(prompts, completions)]
+        return self.sign * torch.tensor(compound)
+
+
+class ClassifierReward(RewardFunction):
+    """A Hugging Face sequence classifier (Hub id or local directory) as a reward, e.g. an IMDB sentiment model.
+
+    Args:
+        model: Hub id or directory of an ``AutoModelForSequenceClassification``.
+        label_index: which output is the reward (e.g. 1 = "positive").
+        output: ``logit`` (raw score), ``probability`` (softmax over labels) or ``log_probability``.
+        text: score the ``completion`` alone or the ``full`` prompt + completion.
+        max_length: classifier input tokens (longer texts are truncated by the classifier's tokenizer).
+        batch_size: texts per classifier forward.
+    """
+
+    OUTPUTS = ("logit", "probability", "log_probability")
+
+    def __init__(
+        self,
+        model: str,
+        label_index: int = 1,
+        output: str = "logit",
+        text: str = "completion",
+        max_length: int = 512,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__(text)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if output not in self.OUTPUTS:
+            raise ValueError(f"output={output!r}: choose one of {self.OUTPUTS}")
+        self.classifier = AutoModelForSequenceClassification.from_pretrained(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.classifier.config.pad_token_id = self.tokenizer.pad_token_id
+        labels = self.classifier.config.num_labels
+        if not 0 <= label_index < labels:
+            raise ValueError(f"label_index={label_index} but the classifier {model} has {labels} labels")
+        self.label_index, self.output = label_index, output
+        self.max_length, self.batch_size = max_length, batch_size
+        self.freeze()
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        texts = self.texts(prompts, completions)
+        device = next(self.classifier.parameters()).device
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            inputs = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            logits = self.classifier(**inputs).logits.float()
+            if self.output == "probability":
+                logits = logits.softmax(-1)
+            elif self.output == "log_probability":
+                logits = logits.log_softmax(-1)
+            scores.append(logits[:, self.label_index])
+        return torch.cat(scores)
+
+
+class LearnedReward(RewardFunction):
+    """A reward model trained with :class:`~lit_align.RewardModelModule` and exported (``export_dir``).
+
+    Scores ``prompt + completion + EOS`` at its last token, exactly as the module did in training.
+    """
+
+    def __init__(self, model: str, max_length: int = 1024, batch_size: int = 16) -> None:
+        super().__init__("full")
+        from lit_align.models import load_sequence_classifier, load_tokenizer
+
+        self.model = load_sequence_classifier(model)
+        self.tokenizer = load_tokenizer(model)
+        self.max_length, self.batch_size = max_length, batch_size
+        self.freeze()
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        from lit_align.reward_model import last_token_scores
+
+        eos = self.tokenizer.eos_token_id
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            ids = [
+                (
+                    self.tokenizer(p, add_special_tokens=False).input_ids
+                    + self.tokenizer(c, add_special_tokens=False).input_ids
+                )[: self.max_length - 1]
+                + [eos]
+                for p, c in zip(prompts[chunk], completions[chunk], strict=True)
+            ]
+            width = max(len(row) for row in ids)
+            input_ids = torch.full((len(ids), width), eos, dtype=torch.long)
+            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, row in enumerate(ids):
+                input_ids[i, : len(row)] = torch.tensor(row)
+                attention_mask[i, : len(row)] = 1
+            scores.append(last_token_scores(self.model, input_ids.to(device), attention_mask.to(device)))
+        return torch.cat(scores)
+
+
+class SentenceBLEUReward(RewardFunction):
+    """Sentence BLEU (sacrebleu, Post 2018) of each completion against ``batch["reference"]``, scaled to [0, 1]."""
+
+    def __init__(self, reference_key: str = "reference", tokenize: str = "13a") -> None:
+        super().__init__("completion")
+        from sacrebleu.metrics import BLEU
+
+        self.reference_key = reference_key
+        self.bleu = BLEU(tokenize=tokenize, effective_order=True)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        if batch is None or self.reference_key not in batch:
+            raise ValueError(f"SentenceBLEUReward needs batch['{self.reference_key}'] with reference strings")
+        references = batch[self.reference_key]
+        return torch.tensor(
+            [self.bleu.sentence_score(c, [r]).score / 100.0 for c, r in zip(completions, references, strict=True)]
+        )
+
+
+class WeightedSumReward(RewardFunction):
+    """Σ_i w_i · r_i(x, y) over several rewards (e.g. task reward + a length or format penalty)."""
+
+    def __init__(self, rewards: list[RewardFunction], weights: list[float] | None = None) -> None:
+        super().__init__("completion")
+        weights = [1.0] * len(rewards) if weights is None else list(weights)
+        if len(weights) != len(rewards) or not rewards:
+            raise ValueError(f"WeightedSumReward got {len(rewards)} rewards and {len(weights)} weights")
+        self.rewards = nn.ModuleList(rewards)
+        self.weights = weights
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        return sum(w * r(prompts, completions, batch) for w, r in zip(self.weights, self.rewards, strict=True))
+
+
+class CallableReward(RewardFunction):
+    """Any Python callable ``fn(prompts, completions) -> list[float] | Tensor`` (or ``"package.module.fn"``)."""
+
+    def __init__(self, fn: Callable | str, pass_batch: bool = False) -> None:
+        super().__init__("completion")
+        if isinstance(fn, str):
+            module_name, _, attribute = fn.rpartition(".")
+            if not module_name:
+                raise ValueError(f"CallableReward: '{fn}' is not an import path like 'package.module.function'")
+            fn = getattr(importlib.import_module(module_name), attribute)
+        self.fn, self.pass_batch = fn, pass_batch
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        values = self.fn(prompts, completions, batch) if self.pass_batch else self.fn(prompts, completions)
+        values = torch.as_tensor(values, dtype=torch.float32).flatten()
+        if values.numel() != len(completions):
+            raise ValueError(f"reward callable returned {values.numel()} values for {len(completions)} completions")
+        return values
