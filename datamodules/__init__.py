@@ -30,6 +30,7 @@ from datamodules.base import (
     SkipRow,
 )
 from datamodules.hh import HHDataModule
+from datamodules.imdb import IMDBDataModule
 from datamodules.tldr import TLDRDataModule
 from datamodules.ultrafeedback import UltraFeedbackDataModule
 
@@ -61,6 +62,7 @@ __all__ = [
     "BenchmarkDataModule",
     "DataValidationError",
     "HHDataModule",
+    "IMDBDataModule",
     "SkipRow",
     "TLDRDataModule",
     "UltraFeedbackDataModule",

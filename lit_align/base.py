@@ -44,6 +44,12 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> 
     return torch.stack(rows)
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip padding, so left-padded rows (prompts, rollouts) get the positions generation used;
+    on right-padded rows they equal ``arange`` over the real tokens."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 class SequenceLogps(NamedTuple):
     """Per-sequence sums over completion tokens, plus the per-token values they come from."""
 
@@ -57,7 +63,9 @@ def sequence_logprobs(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> SequenceLogps:
     """Forward ``model`` on right-padded sequences and sum the log-probs of the completion tokens."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    ).logits
     token_logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
     mask = completion_mask[:, 1:].to(token_logps.dtype)
     token_logps = token_logps * mask
@@ -158,7 +166,15 @@ class AlignmentModule(L.LightningModule):
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False
         self.policy = policy.train()  # from_pretrained returns eval mode; HF checkpointing needs train mode
+        self.build_extra_modules()
         self._shard_for_model_parallel()
+
+    def build_extra_modules(self) -> None:
+        """Hook for trainable modules besides the policy (e.g. PPO's value head), built before sharding."""
+
+    def extra_trainable_modules(self) -> list[nn.Module]:
+        """Trainable modules besides the policy: optimised and sharded with it."""
+        return []
 
     lora_task_type: ClassVar[str] = "CAUSAL_LM"
 
@@ -171,7 +187,7 @@ class AlignmentModule(L.LightningModule):
 
         if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
             mesh = mesh["data_parallel"]
-        for model in (self.policy, self.reference):
+        for model in (self.policy, self.reference, *self.extra_trainable_modules()):
             if model is None or isinstance(model, FSDPModule):
                 continue
             layer_classes = set(getattr(_unwrap(model), "_no_split_modules", None) or [])
@@ -255,7 +271,21 @@ class AlignmentModule(L.LightningModule):
     # ---- optimisation ---------------------------------------------------------------------------------------
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.policy.parameters() if p.requires_grad]
+        """What the optimizer updates: the policy's trainable weights and those of any extra trainable modules."""
+        modules = [self.policy, *self.extra_trainable_modules()]
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one training batch makes (1; PPO makes ppo_epochs × num_mini_batches)."""
+        return 1
+
+    def total_optimizer_steps(self) -> int:
+        """Length of the learning-rate schedule: Lightning's estimate (in batches) times steps per batch,
+        capped by ``max_steps`` (which counts optimizer steps)."""
+        total = int(self.trainer.estimated_stepping_batches) * self.optimizer_steps_per_batch()
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            total = min(total, self.trainer.max_steps)
+        return max(1, total)
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
@@ -268,7 +298,7 @@ class AlignmentModule(L.LightningModule):
             lr=self.hparams.learning_rate,
             betas=tuple(self.hparams.adam_betas),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.total_optimizer_steps()
         warmup = self.hparams.warmup_steps or math.ceil(self.hparams.warmup_ratio * total)
         scheduler = get_scheduler(
             self.hparams.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total

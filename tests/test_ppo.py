@@ -1,0 +1,125 @@
+"""PPOModule: learning on a tiny model with a reward for a target token (PPO with GAE, RLOO, GRPO), rollout
+masks, callbacks seeing every optimizer step, and validation drift metrics."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import HHDataModule
+from lit_align.models import load_tokenizer, tiny_llama
+from lit_align.ppo import PPOModule, responses_until_eos
+from lit_align.rewards import CallableReward
+
+TARGET = " bets"  # a token the peaked tiny model below samples ~2% of the time at the start
+
+
+def target_count(prompts, completions):
+    return [completion.count(TARGET) for completion in completions]
+
+
+@pytest.fixture(scope="module")
+def peaked_tiny(tmp_path_factory):
+    """A 2-layer Llama with wide initial weights: ~4 nats of entropy per token instead of ~10.8, so a
+    policy-gradient signal on one token is visible within a few dozen updates."""
+    directory = tmp_path_factory.mktemp("peaked_tiny")
+    tiny_llama(seed=0, initializer_range=0.5).save_pretrained(directory)
+    load_tokenizer("tiny-llama").save_pretrained(directory)
+    return str(directory)
+
+
+def prompts(hh_dir, batch_size: int) -> HHDataModule:
+    return HHDataModule(
+        data_path=str(hh_dir),
+        subsets=["helpful-base"],
+        train_split="test",
+        val_split=None,
+        limit_train=32,
+        batch_size=batch_size,
+        eval_batch_size=32,
+        max_length=48,
+        max_prompt_length=16,
+    )
+
+
+def mean_reward_on_training_prompts(module: PPOModule, data: HHDataModule) -> float:
+    torch.manual_seed(1234)
+    evaluator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    data.setup("validate")
+    totals = []
+    for _ in range(2):  # 2 × 32 sampled completions
+        evaluator.validate(module, dataloaders=data.dataloader("train", batch_size=32), verbose=False)
+        totals.append(float(evaluator.callback_metrics["eval_objective/scores"]))
+    return sum(totals) / len(totals)
+
+
+@pytest.mark.parametrize(
+    "estimator, samples, batch_size, epochs",
+    [("gae", 1, 4, 4), ("rloo", 4, 4, 3), ("grpo", 4, 4, 3)],
+)
+def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, estimator, samples, batch_size, epochs):
+    L.seed_everything(0)
+    module = PPOModule(
+        model=peaked_tiny,
+        reward=CallableReward(target_count),
+        advantage_estimator=estimator,
+        samples_per_prompt=samples,
+        max_new_tokens=8,
+        kl_coef=0.0,
+        ppo_epochs=2,
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        drift_texts=0,
+    )
+    data = prompts(hh_dir, batch_size)
+    data.configure(tokenizer=module.tokenizer, mode="prompt")
+    module.configure_model()
+    before = mean_reward_on_training_prompts(module, data)
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    ).fit(module, datamodule=data)
+    after = mean_reward_on_training_prompts(module, data)
+    assert after > before + 0.15, (before, after)
+
+
+def test_every_ppo_update_goes_through_lightnings_optimizer(peaked_tiny, hh_dir):
+    class CountSteps(L.Callback):
+        calls = 0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            CountSteps.calls += 1
+
+    module = PPOModule(
+        model=peaked_tiny, reward=CallableReward(target_count), max_new_tokens=4, ppo_epochs=3, num_mini_batches=2
+    )
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[CountSteps()],
+    ).fit(module, datamodule=prompts(hh_dir, 4))
+    assert CountSteps.calls == 2 * 3 * 2  # rollouts × ppo_epochs × minibatches
+    assert module.global_step == 12
+
+
+def test_response_mask_stops_after_the_first_eos():
+    responses = torch.tensor([[5, 6, 2, 2, 2], [5, 6, 7, 8, 9], [2, 2, 2, 2, 2]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert torch.equal(responses_until_eos(responses, eos_token_id=2), expected)
+
+
+def test_group_estimators_need_several_samples_per_prompt():
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        PPOModule(model="tiny-llama", reward=CallableReward(target_count), advantage_estimator="rloo")
