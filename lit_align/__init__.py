@@ -4,6 +4,7 @@ from lit_align.base import AlignmentModule, sequence_logprobs, token_logprobs
 from lit_align.dpo import DPOModule
 from lit_align.kto import KTOModule
 from lit_align.models import EMBEDDED_MODEL, TINY_MODEL, LoraSettings, load_causal_lm, load_tokenizer
+from lit_align.ppo import PPOModule
 from lit_align.reward_model import RewardModelModule
 from lit_align.sft import SFTModule
 
@@ -14,6 +15,7 @@ __all__ = [
     "DPOModule",
     "KTOModule",
     "LoraSettings",
+    "PPOModule",
     "RewardModelModule",
     "SFTModule",
     "load_causal_lm",
