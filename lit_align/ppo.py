@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-from datamodules.base import PROMPT, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
+from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule, _unwrap, position_ids, token_logprobs
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean
 from lit_align.metrics import Perplexity
@@ -312,23 +312,27 @@ class PPOModule(AlignmentModule):
         response_mask = responses_until_eos(responses, eos)
         return sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask
 
+    def decode(self, sequences: Tensor, prompt_width: int, response_mask: Tensor) -> tuple[list[str], list[str]]:
+        """The prompt as the policy saw it (after truncation, padding removed) and the response up to EOS."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        prompts = self.tokenizer.batch_decode(sequences[:, :prompt_width], skip_special_tokens=True)
+        responses = sequences[:, prompt_width:].masked_fill(response_mask == 0, pad)
+        return prompts, self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+
     def rollout(self, batch: dict, stage: str) -> tuple[Rollout, dict[str, Tensor]]:
         k = self.hparams.samples_per_prompt
         prompt_ids = batch[PROMPT_INPUT_IDS].repeat_interleave(k, dim=0)
         prompt_mask = batch[PROMPT_ATTENTION_MASK].repeat_interleave(k, dim=0)
-        prompts = [p for p in batch[PROMPT] for _ in range(k)]
         width = prompt_ids.shape[1]
+        reward_batch = {key: repeat_rows(value, k) for key, value in batch.items()}
 
         started = time.perf_counter()
         sequences, attention_mask, response_mask = self.generate(prompt_ids, prompt_mask)
         generated = time.perf_counter()
 
         # 2. score
-        completions = self.tokenizer.batch_decode(
-            sequences[:, width:].masked_fill(response_mask == 0, self.tokenizer.pad_token_id or 0),
-            skip_special_tokens=True,
-        )
-        scores = self.reward(prompts, completions, batch).to(self.device)
+        prompts, completions = self.decode(sequences, width, response_mask)
+        scores = self.reward(prompts, completions, reward_batch).to(self.device)
         has_eos = (sequences[:, width:] == self.tokenizer.eos_token_id).logical_and(response_mask.bool()).any(-1)
         if self.hparams.missing_eos_penalty is not None:
             scores = scores - self.hparams.missing_eos_penalty * (~has_eos).float()
@@ -472,11 +476,8 @@ class PPOModule(AlignmentModule):
         prompt_ids, prompt_mask = batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK]
         width = prompt_ids.shape[1]
         sequences, attention_mask, response_mask = self.generate(prompt_ids, prompt_mask)
-        completions = self.tokenizer.batch_decode(
-            sequences[:, width:].masked_fill(response_mask == 0, self.tokenizer.pad_token_id or 0),
-            skip_special_tokens=True,
-        )
-        scores = self.reward(batch[PROMPT], completions, batch).to(self.device)
+        prompts, completions = self.decode(sequences, width, response_mask)
+        scores = self.reward(prompts, completions, batch).to(self.device)
         logprobs, _, _ = self.response_logprobs(self.policy, sequences, attention_mask, width, False)
         if self.reference is not None:
             ref_logprobs, _, _ = self.response_logprobs(self.reference, sequences, attention_mask, width, False)
@@ -528,6 +529,15 @@ class PPOModule(AlignmentModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.kl_controller is not None and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+
+def repeat_rows(value, k: int):
+    """Repeat each row k times (tensors along dim 0, lists element-wise), matching ``repeat_interleave``."""
+    if torch.is_tensor(value):
+        return value.repeat_interleave(k, dim=0)
+    if isinstance(value, list):
+        return [item for item in value for _ in range(k)]
+    return value
 
 
 def responses_until_eos(responses: Tensor, eos_token_id: int) -> Tensor:
