@@ -55,19 +55,33 @@ class SequenceLogps(NamedTuple):
 
     logps: Tensor  # [B] Σ_t log π(y_t | x, y_<t) over completion tokens
     tokens: Tensor  # [B] number of completion tokens
-    token_logps: Tensor  # [B, T-1] aligned with input_ids[:, 1:]
-    mask: Tensor  # [B, T-1] completion mask aligned the same way
+    token_logps: Tensor  # [B, L] for the last L tokens of input_ids (L covers every row's completion)
+    mask: Tensor  # [B, L] completion mask aligned the same way
 
 
 def sequence_logprobs(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> SequenceLogps:
-    """Forward ``model`` on right-padded sequences and sum the log-probs of the completion tokens."""
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-    ).logits
-    token_logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
-    mask = completion_mask[:, 1:].to(token_logps.dtype)
+    """Forward ``model`` on right-padded sequences and sum the log-probs of the completion tokens.
+
+    The output layer runs only from the earliest completion token of the batch onwards (``logits_to_keep``):
+    with a 49k-token vocabulary the logits of prompt positions are a large share of a small model's compute and
+    memory, and no loss needs them.
+    """
+    width = input_ids.shape[1]
+    has_completion = completion_mask.any(-1)
+    first = torch.where(
+        has_completion, completion_mask.int().argmax(-1), torch.full_like(has_completion, width, dtype=torch.long)
+    )
+    start = int(first.min().clamp(1, width - 1)) if width > 1 else 1  # position 0 has no predicting logit
+    keep = width - start + 1  # logits at positions start-1 … width-1
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    try:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: compute all positions and slice
+        logits = model(**inputs, use_cache=False).logits[:, -keep:]
+    token_logps = token_logprobs(logits[:, :-1], input_ids[:, start:])
+    mask = completion_mask[:, start:].to(token_logps.dtype)
     token_logps = token_logps * mask
     return SequenceLogps(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
 

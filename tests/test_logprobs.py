@@ -48,3 +48,17 @@ def test_sequence_logprobs_sums_only_completion_tokens():
     expected = torch.stack([per_token[0, 2:5].sum(), per_token[1, 0:3].sum()])
     torch.testing.assert_close(out.logps.double(), expected, atol=1e-5, rtol=0)
     assert out.tokens.tolist() == [3.0, 3.0]
+
+
+def test_sequence_logprobs_skips_prompt_logits_without_changing_the_result():
+    model = tiny_llama(seed=4, vocab_size=64).eval()
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 2], [11, 12, 13, 14, 15, 2, 2]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
+    completion_mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0]])  # earliest completion: 3
+    out = sequence_logprobs(model, input_ids, attention_mask, completion_mask)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    per_token = naive(logits[:, :-1], input_ids[:, 1:])
+    expected = torch.stack([per_token[0, 3:6].sum(), per_token[1, 2:5].sum()])
+    torch.testing.assert_close(out.logps.double(), expected, atol=1e-5, rtol=0)
+    assert out.token_logps.shape == (2, 4)  # positions 3..6 only: the prompt's logits were never computed
