@@ -43,39 +43,20 @@ def prompts(hh_dir, batch_size: int) -> HHDataModule:
     )
 
 
-def mean_reward_on_training_prompts(module: PPOModule, data: HHDataModule) -> float:
+def evaluate_on_training_prompts(module: PPOModule, data: HHDataModule) -> tuple[float, float]:
+    """Mean reward and mean KL to the reference (nats per completion) over 2 × 32 fresh samples."""
     torch.manual_seed(1234)
     evaluator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     data.setup("validate")
-    totals = []
-    for _ in range(2):  # 2 × 32 sampled completions
+    rewards, kls = [], []
+    for _ in range(2):
         evaluator.validate(module, dataloaders=data.dataloader("train", batch_size=32), verbose=False)
-        totals.append(float(evaluator.callback_metrics["eval_objective/scores"]))
-    return sum(totals) / len(totals)
+        rewards.append(float(evaluator.callback_metrics["eval_objective/scores"]))
+        kls.append(float(evaluator.callback_metrics["eval_drift/kl_to_init"]))
+    return sum(rewards) / 2, sum(kls) / 2
 
 
-@pytest.mark.parametrize(
-    "estimator, samples, batch_size, epochs",
-    [("gae", 1, 4, 4), ("rloo", 4, 4, 3), ("grpo", 4, 4, 3)],
-)
-def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, estimator, samples, batch_size, epochs):
-    L.seed_everything(0)
-    module = PPOModule(
-        model=peaked_tiny,
-        reward=CallableReward(target_count),
-        advantage_estimator=estimator,
-        samples_per_prompt=samples,
-        max_new_tokens=8,
-        kl_coef=0.0,
-        ppo_epochs=2,
-        learning_rate=1e-3,
-        lr_scheduler="constant",
-        drift_texts=0,
-    )
-    data = prompts(hh_dir, batch_size)
-    data.configure(tokenizer=module.tokenizer, mode="prompt")
-    module.configure_model()
-    before = mean_reward_on_training_prompts(module, data)
+def train(module: PPOModule, data: HHDataModule, epochs: int) -> None:
     L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -85,8 +66,71 @@ def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, est
         enable_model_summary=False,
         limit_val_batches=0,
     ).fit(module, datamodule=data)
-    after = mean_reward_on_training_prompts(module, data)
+
+
+def policy_gradient(
+    peaked_tiny, estimator: str, samples: int, kl_coef: float, learning_rate: float = 1e-3, **kwargs
+) -> PPOModule:
+    return PPOModule(
+        **kwargs,
+        model=peaked_tiny,
+        reward=CallableReward(target_count),
+        advantage_estimator=estimator,
+        samples_per_prompt=samples,
+        max_new_tokens=8,
+        kl_coef=kl_coef,
+        ppo_epochs=2,
+        learning_rate=learning_rate,
+        lr_scheduler="constant",
+        drift_texts=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "estimator, samples, batch_size, epochs",
+    [("gae", 1, 4, 4), ("rloo", 4, 4, 3), ("grpo", 4, 4, 3)],
+)
+def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, estimator, samples, batch_size, epochs):
+    L.seed_everything(0)
+    module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=0.0)
+    data = prompts(hh_dir, batch_size)
+    data.configure(tokenizer=module.tokenizer, mode="prompt")
+    module.configure_model()
+    before, kl_before = evaluate_on_training_prompts(module, data)
+    train(module, data, epochs)
+    after, kl_after = evaluate_on_training_prompts(module, data)
+    assert kl_before == 0.0  # the policy starts as the reference
     assert after > before + 0.15, (before, after)
+
+
+@pytest.mark.parametrize(
+    "estimator, samples",
+    [
+        pytest.param(
+            "gae",
+            1,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="open finding: PPO-GAE with β=2 drifted 0.96 nats vs 0.84 with β=0 on this tiny model, "
+                "also with a separate value model; under investigation (issue 3)",
+            ),
+        ),
+        ("rloo", 4),
+    ],
+)
+def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(peaked_tiny, hh_dir, estimator, samples):
+    # PPO here uses a separate value model: a value head on the shared trunk moves the policy through the value
+    # loss, a drift the KL penalty in the reward does not see (measured: 0.96 nats with β=2 vs 0.92 with β=0).
+    critic = {"value_model": peaked_tiny} if estimator == "gae" else {}
+    kls = {}
+    for kl_coef in (0.0, 2.0):
+        L.seed_everything(0)
+        module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=kl_coef, learning_rate=2e-4, **critic)
+        data = prompts(hh_dir, 4)
+        train(module, data, epochs=2)
+        kls[kl_coef] = evaluate_on_training_prompts(module, data)[1]
+    assert kls[0.0] > 0.3, kls  # unconstrained, the policy drifts
+    assert kls[2.0] < 0.7 * kls[0.0], kls
 
 
 def test_every_ppo_update_goes_through_lightnings_optimizer(peaked_tiny, hh_dir):
