@@ -31,6 +31,7 @@ from datamodules.base import (
 )
 from datamodules.hh import HHDataModule
 from datamodules.imdb import IMDBDataModule
+from datamodules.multi30k import PivotTranslationDataModule
 from datamodules.tldr import TLDRDataModule
 from datamodules.ultrafeedback import UltraFeedbackDataModule
 
@@ -63,6 +64,7 @@ __all__ = [
     "DataValidationError",
     "HHDataModule",
     "IMDBDataModule",
+    "PivotTranslationDataModule",
     "SkipRow",
     "TLDRDataModule",
     "UltraFeedbackDataModule",

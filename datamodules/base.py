@@ -235,6 +235,10 @@ class Collator:
             batch[PROMPT] = [it[PROMPT] for it in items]
             if all(REFERENCE in it for it in items):
                 batch[REFERENCE] = [it[REFERENCE] for it in items]
+            # benchmark-specific strings (e.g. a second-leg reference) travel with the batch too
+            for key in items[0]:
+                if key.startswith(REFERENCE + "_") and all(isinstance(it.get(key), str) for it in items):
+                    batch[key] = [it[key] for it in items]
         elif self.mode == "pair":
             chosen, rejected = [it["chosen_ids"] for it in items], [it["rejected_ids"] for it in items]
             width = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True))

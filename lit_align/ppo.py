@@ -29,7 +29,7 @@ from transformers import GenerationConfig
 from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule, _unwrap, position_ids, token_logprobs
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean
-from lit_align.metrics import Perplexity
+from lit_align.metrics import Perplexity, StageMetrics
 from lit_align.models import load_causal_lm
 from lit_align.rewards import RewardFunction
 
@@ -223,6 +223,9 @@ class PPOModule(AlignmentModule):
         self.save_hyperparameters(ignore=["reward"])
         self.automatic_optimization = False
         self.reward = reward.freeze() if isinstance(reward, RewardFunction) else reward
+        task_scores = tuple(getattr(reward, "task_score_names", ()))  # e.g. the pivot game's drift/bleu_fr
+        if task_scores:
+            self.metrics = StageMetrics(self.metric_names + task_scores, self.extra_metrics())
         self.kl_controller = AdaptiveKLController(kl_coef, target_kl, kl_horizon) if adaptive_kl else None
         self.value_head: nn.Linear | None = None
         self.value_trunk: nn.Module | None = None
@@ -485,9 +488,13 @@ class PPOModule(AlignmentModule):
             with self.reference_context():
                 ref_logprobs, _, _ = self.response_logprobs(self.policy, sequences, attention_mask, width, False)
         mask = response_mask.to(logprobs.dtype)
+        task_scores = (
+            self.reward.task_scores(prompts, completions, batch) if hasattr(self.reward, "task_scores") else {}
+        )
         self.log_values(
             stage,
             {
+                **task_scores,
                 "objective/scores": scores,
                 "drift/kl_to_init": ((logprobs - ref_logprobs) * mask).sum(-1),
                 "completions/mean_length": mask.sum(-1),

@@ -223,3 +223,78 @@ class CallableReward(RewardFunction):
         if values.numel() != len(completions):
             raise ValueError(f"reward callable returned {values.numel()} values for {len(completions)} completions")
         return values
+
+
+class PivotBLEUReward(RewardFunction):
+    """Pivot-translation reward (Lee et al. 2019; Noukhovitch et al. 2023): a frozen causal LM translates the
+    policy's French into German (greedy), and the reward is the sentence BLEU of that German against
+    ``batch["reference_de"]``, in [0, 1]. ``task_scores`` also gives the French leg: sentence BLEU of the policy's
+    French against ``batch["reference"]`` (``drift/bleu_fr``), the language-drift score of the benchmark.
+
+    Args:
+        translator: the frozen FR→DE model (Hub id, directory or alias); an instruction prompt is used.
+        max_new_tokens: German tokens to generate. batch_size: sentences per translator call.
+    """
+
+    task_score_names = ("drift/bleu_fr",)
+
+    def __init__(
+        self, translator: str = "smollm2-135m-instruct", max_new_tokens: int = 48, batch_size: int = 16
+    ) -> None:
+        super().__init__("completion")
+        from sacrebleu.metrics import BLEU
+
+        from lit_align.models import load_causal_lm, load_tokenizer
+
+        self.translator = load_causal_lm(translator)
+        self.tokenizer = load_tokenizer(translator)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.bleu = BLEU(effective_order=True)
+        self.freeze()
+
+    def translate(self, french: Sequence[str]) -> list[str]:
+        from datamodules.multi30k import translation_prompt
+
+        instruction = "Translate this French sentence into German. Answer with the translation only.\n{}"
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        device = next(self.translator.parameters()).device
+        german = []
+        for start in range(0, len(french), self.batch_size):
+            prompts = [
+                translation_prompt(self.tokenizer, instruction.format(s.strip()))
+                for s in french[start : start + self.batch_size]
+            ]
+            ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+            width = max(len(row) for row in ids)
+            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+            for i, row in enumerate(ids):  # left padding for generation
+                input_ids[i, width - len(row) :] = torch.tensor(row)
+                attention_mask[i, width - len(row) :] = 1
+            out = self.translator.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+            german += [t.strip() for t in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        return german
+
+    def _sentence_bleu(self, hypotheses: Sequence[str], references: Sequence[str]) -> Tensor:
+        return torch.tensor(
+            [
+                self.bleu.sentence_score(h.strip(), [r]).score / 100.0
+                for h, r in zip(hypotheses, references, strict=True)
+            ]
+        )
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        if batch is None or "reference_de" not in batch:
+            raise ValueError("PivotBLEUReward needs batch['reference_de'] (PivotTranslationDataModule provides it)")
+        return self._sentence_bleu(self.translate(completions), batch["reference_de"])
+
+    @torch.no_grad()
+    def task_scores(self, prompts: Sequence[str], completions: Sequence[str], batch: dict) -> dict[str, Tensor]:
+        return {"drift/bleu_fr": self._sentence_bleu(completions, batch["reference"])}
