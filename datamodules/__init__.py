@@ -32,6 +32,7 @@ from datamodules.base import (
 from datamodules.hh import HHDataModule
 from datamodules.imdb import IMDBDataModule
 from datamodules.multi30k import PivotTranslationDataModule
+from datamodules.stackexchange import StackExchangeDataModule
 from datamodules.tldr import TLDRDataModule
 from datamodules.ultrafeedback import UltraFeedbackDataModule
 
@@ -66,6 +67,7 @@ __all__ = [
     "IMDBDataModule",
     "PivotTranslationDataModule",
     "SkipRow",
+    "StackExchangeDataModule",
     "TLDRDataModule",
     "UltraFeedbackDataModule",
 ]
