@@ -290,6 +290,14 @@ class PPOModule(AlignmentModule):
             values = self.value_head(hidden[:, prompt_width - 1 : -1]).squeeze(-1).float()
         return logprobs, values, logits
 
+    @torch.no_grad()
+    def reference_response_logprobs(self, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
+        """Response log-probs under the reference: the frozen copy, or the policy with LoRA adapters off."""
+        if self.reference is not None:
+            return self.response_logprobs(self.reference, sequences, attention_mask, prompt_width, False)[0]
+        with self.reference_context():
+            return self.response_logprobs(self.policy, sequences, attention_mask, prompt_width, False)[0]
+
     # ---- 1. rollout --------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -346,11 +354,7 @@ class PPOModule(AlignmentModule):
             logprobs, values, logits = self.response_logprobs(
                 self.policy, sequences, attention_mask, width, self.uses_critic
             )
-            if self.reference is not None:
-                ref_logprobs, _, _ = self.response_logprobs(self.reference, sequences, attention_mask, width, False)
-            else:
-                with self.reference_context():
-                    ref_logprobs, _, _ = self.response_logprobs(self.policy, sequences, attention_mask, width, False)
+            ref_logprobs = self.reference_response_logprobs(sequences, attention_mask, width)
             del logits
         referenced = time.perf_counter()
 
@@ -482,11 +486,7 @@ class PPOModule(AlignmentModule):
         prompts, completions = self.decode(sequences, width, response_mask)
         scores = self.reward(prompts, completions, batch).to(self.device)
         logprobs, _, _ = self.response_logprobs(self.policy, sequences, attention_mask, width, False)
-        if self.reference is not None:
-            ref_logprobs, _, _ = self.response_logprobs(self.reference, sequences, attention_mask, width, False)
-        else:
-            with self.reference_context():
-                ref_logprobs, _, _ = self.response_logprobs(self.policy, sequences, attention_mask, width, False)
+        ref_logprobs = self.reference_response_logprobs(sequences, attention_mask, width)
         mask = response_mask.to(logprobs.dtype)
         task_scores = (
             self.reward.task_scores(prompts, completions, batch) if hasattr(self.reward, "task_scores") else {}
