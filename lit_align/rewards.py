@@ -236,7 +236,7 @@ class PivotBLEUReward(RewardFunction):
         max_new_tokens: German tokens to generate. batch_size: sentences per translator call.
     """
 
-    task_score_names = ("drift/bleu_fr",)
+    task_score_names = ("drift/bleu_fr", "drift/fr_perplexity")
 
     def __init__(
         self, translator: str = "smollm2-135m-instruct", max_new_tokens: int = 48, batch_size: int = 16
@@ -295,6 +295,23 @@ class PivotBLEUReward(RewardFunction):
             raise ValueError("PivotBLEUReward needs batch['reference_de'] (PivotTranslationDataModule provides it)")
         return self._sentence_bleu(self.translate(completions), batch["reference_de"])
 
+    def french_perplexity(self, french: Sequence[str]) -> Tensor:
+        """Per-sentence perplexity of the French under the frozen pivot model used as a plain LM (no prompt):
+        how natural the policy's French still is, the second drift score of the pivot game."""
+        from lit_align.base import token_logprobs
+
+        device = next(self.translator.parameters()).device
+        values = []
+        for sentence in french:
+            ids = self.tokenizer(sentence.strip() or ".", add_special_tokens=False, return_tensors="pt").input_ids
+            ids = torch.cat([torch.tensor([[self.tokenizer.eos_token_id]]), ids], dim=1).to(device)  # EOS as start
+            logits = self.translator(input_ids=ids, use_cache=False).logits
+            values.append(torch.exp(-token_logprobs(logits[:, :-1].float(), ids[:, 1:]).mean()))
+        return torch.stack(values).cpu()
+
     @torch.no_grad()
     def task_scores(self, prompts: Sequence[str], completions: Sequence[str], batch: dict) -> dict[str, Tensor]:
-        return {"drift/bleu_fr": self._sentence_bleu(completions, batch["reference"])}
+        return {
+            "drift/bleu_fr": self._sentence_bleu(completions, batch["reference"]),
+            "drift/fr_perplexity": self.french_perplexity(completions),
+        }

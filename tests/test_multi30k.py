@@ -56,3 +56,14 @@ def test_pivot_reward_is_bleu_of_the_german_leg_and_reports_the_french_leg():
     french_leg = reward.task_scores(["", ""], french, batch)["drift/bleu_fr"]
     assert french_leg[0] == pytest.approx(1.0)
     assert french_leg[1] == pytest.approx(bleu.sentence_score(french[1], [batch["reference"][1]]).score / 100)
+
+
+def test_french_perplexity_under_the_frozen_pivot_model():
+    reward = PivotBLEUReward(translator="tiny-llama")
+    sentence = "Un homme dort."
+    ids = reward.tokenizer(sentence, add_special_tokens=False).input_ids
+    ids = torch.tensor([[reward.tokenizer.eos_token_id, *ids]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(reward.translator(input_ids=ids).logits[0, :-1].double(), -1)
+    expected = torch.exp(-logprobs.gather(-1, ids[0, 1:, None]).mean())
+    assert reward.french_perplexity([sentence])[0].item() == pytest.approx(expected.item(), rel=1e-4)

@@ -103,25 +103,13 @@ def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, est
     assert after > before + 0.15, (before, after)
 
 
-@pytest.mark.parametrize(
-    "estimator, samples",
-    [
-        pytest.param(
-            "gae",
-            1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="open finding: PPO-GAE with β=2 drifted 0.96 nats vs 0.84 with β=0 on this tiny model, "
-                "also with a separate value model; under investigation (issue 3)",
-            ),
-        ),
-        ("rloo", 4),
-    ],
-)
+@pytest.mark.parametrize("estimator, samples", [("gae", 1), ("rloo", 4)])
 def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(peaked_tiny, hh_dir, estimator, samples):
-    # PPO here uses a separate value model: a value head on the shared trunk moves the policy through the value
-    # loss, a drift the KL penalty in the reward does not see (measured: 0.96 nats with β=2 vs 0.92 with β=0).
-    critic = {"value_model": peaked_tiny} if estimator == "gae" else {}
+    # PPO here uses a separate value model and unwhitened advantages. Measured on this tiny setup (4 sequences per
+    # rollout, a reward that is usually 0): a value head on the shared trunk moves the policy through the value
+    # loss, and per-batch advantage whitening rescales the KL penalty to unit size whatever β is; with either,
+    # β=2 drifted as far as β=0 (0.96 vs 0.84 nats). With both removed: 0.51 vs 0.88.
+    critic = {"value_model": peaked_tiny, "whiten_advantages": False} if estimator == "gae" else {}
     kls = {}
     for kl_coef in (0.0, 2.0):
         L.seed_everything(0)
