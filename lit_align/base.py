@@ -271,6 +271,19 @@ class AlignmentModule(L.LightningModule):
                 prog_bar=name in self.progress_bar_metrics,
             )
 
+    def on_validation_epoch_end(self) -> None:
+        """Log the sanity-check validation at step 0, so a reward-vs-drift trace starts before the first update.
+
+        Lightning runs ``num_sanity_val_steps`` validation batches before training and then discards their
+        metrics; set it to ``limit_val_batches`` for a starting point measured on the same batches.
+        """
+        if not self.trainer.sanity_checking or not self.loggers:
+            return
+        # compute() syncs across ranks; every rank calls it
+        values = {name: float(metric.compute()) for name, metric in self.metrics.updated("val").items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=0)
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._batch_index = batch.get(INDEX) if isinstance(batch, dict) else None
 

@@ -85,3 +85,11 @@ class StageMetrics(nn.Module):
 
     def log_name(self, stage: str, name: str) -> str:
         return self.PREFIXES[stage] + name
+
+    def updated(self, stage: str) -> dict[str, Metric]:
+        """The stage's metrics that have seen data since their last reset, by logged name."""
+        return {
+            self.log_name(stage, key.replace("__", "/")): metric
+            for key, metric in self.stages[f"{stage}_metrics"].items()
+            if metric.update_called
+        }

@@ -3,6 +3,8 @@ masks, callbacks seeing every optimizer step, and validation drift metrics."""
 
 from __future__ import annotations
 
+import csv
+
 import lightning as L
 import pytest
 import torch
@@ -144,6 +146,33 @@ def test_every_ppo_update_goes_through_lightnings_optimizer(peaked_tiny, hh_dir)
     ).fit(module, datamodule=prompts(hh_dir, 4))
     assert CountSteps.calls == 2 * 3 * 2  # rollouts × ppo_epochs × minibatches
     assert module.global_step == 12
+
+
+def test_the_sanity_check_validation_is_logged_as_the_starting_point(peaked_tiny, hh_dir, tmp_path):
+    module = PPOModule(
+        model=peaked_tiny, reward=CallableReward(target_count), max_new_tokens=4, ppo_epochs=1, learning_rate=1e-3
+    )
+    data = prompts(hh_dir, 4)
+    data.val_split = "test"
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        num_sanity_val_steps=1,
+        limit_val_batches=1,
+        val_check_interval=4,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(module, datamodule=data)
+    rows = list(csv.DictReader(open(next(tmp_path.glob("run/*/metrics.csv")))))
+    evaluations = [row for row in rows if row.get("eval_drift/kl_to_init")]
+    assert len(evaluations) == 2 and int(evaluations[0]["step"]) == 0 and int(evaluations[1]["step"]) > 0
+    # Before any update the policy is the reference, so the sampled KL is exactly zero; after four updates it is not.
+    assert float(evaluations[0]["eval_drift/kl_to_init"]) == 0.0
+    assert float(evaluations[1]["eval_drift/kl_to_init"]) != 0.0
+    assert evaluations[0]["eval_objective/scores"] != ""
 
 
 def test_response_mask_stops_after_the_first_eos():
