@@ -161,8 +161,14 @@ class AlignmentModule(L.LightningModule):
         return self.uses_reference and not self.uses_lora
 
     def configure_model(self) -> None:
-        if self.policy is not None:
-            return
+        if self.policy is None:
+            self.build_models()
+        # Lightning has no callback hook between building the model and restoring a checkpoint into it; callbacks
+        # that keep weights (callbacks/weights.py) allocate them here, after sharding and before any restore.
+        self.call_callbacks("on_configure_model")
+
+    def build_models(self) -> None:
+        """Policy, reference and extra modules, then FSDP2 sharding under ``ModelParallelStrategy``."""
         policy = self.build_policy()
         if self.needs_reference_model():
             if self.hparams.reference_model is None:
@@ -283,6 +289,19 @@ class AlignmentModule(L.LightningModule):
         values = {name: float(metric.compute()) for name, metric in self.metrics.updated("val").items()}
         for logger in self.loggers:
             logger.log_metrics(values, step=0)
+
+    def call_callbacks(self, hook: str) -> None:
+        """Call ``hook(trainer, module)`` on every trainer callback that defines it (lit-align's extra hooks)."""
+        if self._trainer is None:
+            return
+        for callback in self.trainer.callbacks:
+            method = getattr(callback, hook, None)
+            if callable(method):
+                method(self.trainer, self)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.call_callbacks("on_after_optimizer_step")  # Lightning has no after-step callback hook
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._batch_index = batch.get(INDEX) if isinstance(batch, dict) else None

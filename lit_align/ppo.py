@@ -414,6 +414,7 @@ class PPOModule(AlignmentModule):
                 if self.hparams.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
                 optimizer.step()
+                self.call_callbacks("on_after_optimizer_step")
                 optimizer.zero_grad()
                 if scheduler is not None:
                     scheduler.step()

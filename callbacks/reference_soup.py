@@ -1,0 +1,97 @@
+"""Reference soup (SALSA, Chegini et al. 2024, arXiv 2411.01798): the KL reference is a weight-space average of
+N fine-tuned checkpoints of one base model instead of a single SFT model.
+
+    θ_ref = Σ_i w_i·θ_i,   Σ_i w_i = 1   (the paper: two SFT runs, equal weights)
+
+Checkpoints are Hugging Face directories (``save_pretrained``) or Lightning ``.ckpt`` files of a lit-align module
+(the ``policy.`` tensors are taken). ``init_policy`` starts the policy from the soup too (our reading of the
+paper; the abstract does not say). Works with PPO, DPO and KTO alike: they all read ``module.reference``.
+
+Extra copies of the weights: none kept. While the soup is built, one loaded checkpoint plus the running sum
+(float64) are in memory; under FSDP2 each rank then keeps only its shard, written into the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from callbacks.weights import average_state_dicts, local, reference_pairs, shard_like
+
+
+def load_state_dict(source: str | Path) -> dict[str, Tensor]:
+    """The model tensors of an HF directory or a lit-align Lightning checkpoint, names as in the HF model."""
+    path = Path(source)
+    if path.is_dir():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).state_dict()
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("state_dict", checkpoint)
+        policy = {name[len("policy.") :]: t for name, t in state.items() if name.startswith("policy.")}
+        if not policy:
+            raise ValueError(f"{path}: no 'policy.' tensors in its state_dict; is it a lit-align checkpoint?")
+        return policy
+    raise FileNotFoundError(f"ReferenceSoup: checkpoint {path} does not exist")
+
+
+class ReferenceSoup(L.Callback):
+    """Replace the reference (and optionally the initial policy) by the weighted average of checkpoints.
+
+    Args:
+        checkpoints: HF model directories or Lightning ``.ckpt`` files, all of the reference's architecture.
+        weights: one weight per checkpoint, summing to 1 (default: equal weights).
+        init_policy: start the policy from the soup as well.
+    """
+
+    def __init__(self, checkpoints: list[str], weights: list[float] | None = None, init_policy: bool = False) -> None:
+        if len(checkpoints) < 1:
+            raise ValueError("ReferenceSoup: give at least one checkpoint")
+        weights = list(weights) if weights is not None else [1.0 / len(checkpoints)] * len(checkpoints)
+        if len(weights) != len(checkpoints):
+            raise ValueError(f"ReferenceSoup: {len(weights)} weights for {len(checkpoints)} checkpoints")
+        if abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
+            raise ValueError(f"ReferenceSoup: weights must be non-negative and sum to 1, got {weights}")
+        self.checkpoints, self.weights, self.init_policy = [str(c) for c in checkpoints], weights, init_policy
+        self.applied = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(checkpoints=self.checkpoints, weights=self.weights)
+
+    def soup(self) -> dict[str, Tensor]:
+        def loaded() -> Iterator[tuple[str, Mapping[str, Tensor]]]:
+            for checkpoint in self.checkpoints:
+                yield checkpoint, load_state_dict(checkpoint)
+
+        return average_state_dicts(loaded(), self.weights)
+
+    @torch.no_grad()
+    def on_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.applied:
+            return
+        pairs = reference_pairs(pl_module, "ReferenceSoup")
+        soup = self.soup()
+        for name, policy, reference in pairs:
+            if name not in soup:
+                raise ValueError(f"ReferenceSoup: {self.checkpoints[0]} has no tensor '{name}' of the reference")
+            if soup[name].shape != reference.shape:
+                raise ValueError(
+                    f"ReferenceSoup: tensor '{name}' is {tuple(soup[name].shape)} in {self.checkpoints[0]} but "
+                    f"{tuple(reference.shape)} in the reference model"
+                )
+            part = shard_like(soup[name], reference)
+            local(reference).copy_(part)
+            if self.init_policy:
+                local(policy).copy_(part)
+        self.applied = True
+        rank_zero_info(
+            f"ReferenceSoup: reference{' and policy' if self.init_policy else ''} = "
+            + " + ".join(f"{w:g}·{c}" for w, c in zip(self.weights, self.checkpoints, strict=True))
+        )

@@ -1,0 +1,136 @@
+"""Weight interpolation between the initial and the trained policy: WiSE-FT / model averaging and its
+heterogeneous variant (HMA).
+
+    θ = (1 − α)·θ_init + α·θ_trained                          (Wortsman et al. 2022, Eq. 1; Lin et al. 2024, MA)
+    θ^[k] = (1 − α_k)·θ_init^[k] + α_k·θ_trained^[k],  mean_k α_k = α   (Lin et al. 2024, HMA, Eq. 2–3, set Ω)
+
+α is the weight of the *trained* model, as in both papers' equations (Lin et al.'s released code puts it on the
+pre-RLHF model instead: their α = 0.2 is our α = 0.8). HMA splits the decoder layers into K contiguous blocks of
+⌊L/K⌋ layers, the remainder going to the last block (as the released code's ``blockN``); tensors outside the
+layers (embeddings, final norm, output layer) use the global α. Lin et al. fit the α_k by proxy distillation; here
+they are given.
+
+Applied when training ends, before ``export_dir`` is written. ``sweep`` evaluates a list of α on the validation
+set first and logs one point per α (``interpolation/alpha`` plus every ``eval_*`` metric), so one run yields a
+reward-vs-drift curve; the weights are then left at ``alpha``.
+
+Extra copies of the weights: θ_init (the size of the trainable weights), plus θ_trained while a sweep runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from callbacks.weights import WeightStore, attach_store, interpolate, layer_index, local, trainable_parameters
+
+
+def block_alpha_per_layer(num_layers: int, block_alphas: list[float]) -> list[float]:
+    """The ratio of each of ``num_layers`` layers under K = len(block_alphas) contiguous blocks of ⌊L/K⌋ layers
+    (the last block takes the remainder)."""
+    blocks = len(block_alphas)
+    if not 1 <= blocks <= num_layers:
+        raise ValueError(f"HMA: {blocks} blocks for {num_layers} layers; need 1 <= K <= number of layers")
+    size = num_layers // blocks
+    return [block_alphas[min(layer // size, blocks - 1)] for layer in range(num_layers)]
+
+
+class WeightInterpolation(L.Callback):
+    """Interpolate the trained policy toward its initial weights at the end of training.
+
+    Args:
+        alpha: weight of the trained model (1 keeps it, 0 returns to the initial model).
+        block_alphas: HMA ratios α_1..α_K of K contiguous layer blocks, input side first; their mean must equal
+            ``alpha`` (Lin et al.'s constraint Ω).
+        sweep: α values to evaluate on the validation set before applying ``alpha``; one logged point each.
+        include_value_head: also interpolate PPO's value head / value model.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        block_alphas: list[float] | None = None,
+        sweep: list[float] | None = None,
+        include_value_head: bool = False,
+    ) -> None:
+        for value in [alpha, *(block_alphas or []), *(sweep or [])]:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"WeightInterpolation: every ratio must be in [0, 1], got {value}")
+        if block_alphas is not None:
+            mean = sum(block_alphas) / len(block_alphas)
+            if abs(mean - alpha) > 1e-6:
+                raise ValueError(f"WeightInterpolation: block_alphas {block_alphas} average {mean:.6g}, not {alpha}")
+            if sweep:
+                raise ValueError("WeightInterpolation: a sweep varies one global alpha; drop block_alphas or sweep")
+        self.alpha, self.block_alphas, self.sweep = alpha, block_alphas, list(sweep or [])
+        self.include_value_head = include_value_head
+        self.results: list[dict[str, float]] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(alpha=self.alpha, block_alphas=self.block_alphas, sweep=self.sweep)
+
+    def on_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.weights = trainable_parameters(pl_module, self.include_value_head)
+        self.initial = attach_store(pl_module, "interpolation_initial", self.weights)
+
+    def ratios(self, alpha: float) -> dict[str, float]:
+        """α for every tensor: ``alpha`` everywhere, or the HMA block ratio inside the decoder layers."""
+        if self.block_alphas is None:
+            return {name: alpha for name in self.weights}
+        layers = {name: layer_index(name) for name in self.weights}
+        found = [index for index in layers.values() if index is not None]
+        if not found:
+            raise ValueError("WeightInterpolation: block_alphas given but no decoder layers found in tensor names")
+        per_layer = block_alpha_per_layer(max(found) + 1, self.block_alphas)
+        return {name: alpha if index is None else per_layer[index] for name, index in layers.items()}
+
+    @torch.no_grad()
+    def apply(self, alpha: float, trained: WeightStore) -> None:
+        for name, ratio in self.ratios(alpha).items():
+            local(self.weights[name]).copy_(interpolate(self.initial[name], trained[name], ratio))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trained = WeightStore(self.weights)
+        for alpha in self.sweep:
+            self.apply(alpha, trained)
+            metrics = run_validation(trainer)
+            if not metrics:
+                rank_zero_warn("WeightInterpolation: the sweep found no validation metrics (no validation data?)")
+            point = {"interpolation/alpha": alpha, **metrics}
+            self.results.append(point)
+            for logger in trainer.loggers:
+                logger.log_metrics(point, step=trainer.global_step)
+            rank_zero_info(f"WeightInterpolation sweep: {point}")
+        if self.sweep and trainer.is_global_zero and trainer.log_dir is not None:
+            path = Path(trainer.log_dir) / "interpolation_sweep.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.results, indent=1))
+        self.apply(self.alpha, trained)
+
+    def state_dict(self) -> dict:
+        return {"results": self.results}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = state_dict["results"]
+
+
+def run_validation(trainer: L.Trainer) -> dict[str, float]:
+    """Run the fit's validation loop now and return its ``eval_*`` metrics.
+
+    Lightning offers no public call for this inside ``fit`` (``trainer.validate`` cannot nest); this does what the
+    training loop does at ``val_check_interval``.
+    """
+    stage = trainer.state.stage
+    trainer.validating = True
+    trainer.fit_loop.epoch_loop.val_loop.run()
+    trainer.state.stage = stage
+    return {
+        name: float(value)
+        for name, value in trainer.callback_metrics.items()
+        if name.startswith("eval_") and value.numel() == 1
+    }

@@ -1,0 +1,157 @@
+"""The one place for weight snapshots that callbacks keep: select, copy, average, load back.
+
+Plain tensors and FSDP2 shards alike: under FSDP2 every parameter is a DTensor holding this rank's shard. A
+snapshot is a clone of that local shard, so elementwise math (EMA, interpolation, merging) runs shard by shard with
+no communication and each rank stores only its part. Snapshots are buffers of a ``WeightStore`` submodule of the
+LightningModule (``module.callback_weights[name]``), so they travel through the module's checkpoint (sharded under
+FSDP2); a callback's own ``state_dict`` is saved from rank 0 only and holds just counters and RNG state.
+
+lit-align modules call two extra callback hooks (``AlignmentModule.call_callbacks``):
+``on_configure_model(trainer, module)`` once the weights exist (after sharding, before a checkpoint is restored)
+and ``on_after_optimizer_step(trainer, module)`` after every optimizer step, PPO's manual ones included.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor, distribute_tensor = (), None
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a (possibly sharded) tensor, as a plain tensor that shares its storage."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full(tensor: Tensor) -> Tensor:
+    """The whole tensor (all-gathered under FSDP2)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """The part of a full tensor that ``like`` (a parameter, maybe a DTensor shard) holds on this rank."""
+    whole = whole.to(device=local(like).device, dtype=like.dtype)
+    if isinstance(like, DTensor):  # every rank holds ``whole``: cut locally, no scatter
+        return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return whole
+
+
+def trainable_parameters(module: nn.Module, include_extra: bool = False) -> dict[str, nn.Parameter]:
+    """What a callback acts on: the policy's trainable weights (only the adapters under LoRA), and with
+    ``include_extra`` the other trainable modules (e.g. PPO's value head), by name in the LightningModule."""
+    chosen = [module.policy, *(module.extra_trainable_modules() if include_extra else [])]
+    wanted = {id(p) for part in chosen for p in part.parameters() if p.requires_grad}
+    return {name: p for name, p in module.named_parameters() if id(p) in wanted}
+
+
+def reference_pairs(module: nn.Module, owner: str) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """(name, policy parameter, reference parameter) with the same name, for callbacks that write the reference."""
+    if getattr(module.hparams, "precompute_ref_logps", False):
+        raise ValueError(f"{owner} changes the reference, so its log-probs cannot be precomputed: precompute_ref_logps")
+    if getattr(module, "reference", None) is None:
+        reason = (
+            "with LoRA the reference is the policy with adapters disabled"
+            if getattr(module, "uses_lora", False)
+            else "the module holds no reference model (reference-free loss, or reference log-probs precomputed)"
+        )
+        raise ValueError(f"{owner} writes the reference weights, but {reason}; use a full reference copy")
+    references = dict(module.reference.named_parameters())
+    pairs = []
+    for name, parameter in module.policy.named_parameters():
+        if name not in references or references[name].shape != parameter.shape:
+            raise ValueError(f"{owner}: policy tensor '{name}' has no reference tensor of the same name and shape")
+        pairs.append((name, parameter, references[name]))
+    return pairs
+
+
+def _buffer_name(name: str) -> str:
+    return name.replace(".", "/")  # buffer names may not contain dots
+
+
+class WeightStore(nn.Module):
+    """Named snapshots (local shards) kept as buffers, so the module's checkpoint carries them."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.names = list(tensors)
+        for name, tensor in tensors.items():
+            self.register_buffer(_buffer_name(name), local(tensor).detach().clone())
+
+    def __getitem__(self, name: str) -> Tensor:
+        return getattr(self, _buffer_name(name))
+
+    def items(self) -> Iterable[tuple[str, Tensor]]:
+        return ((name, self[name]) for name in self.names)
+
+    def numel(self) -> int:
+        return sum(self[name].numel() for name in self.names)
+
+
+def attach_store(module: nn.Module, name: str, tensors: Mapping[str, Tensor]) -> WeightStore:
+    """The store ``name`` of ``module`` (kept across calls: the model is configured once per fit)."""
+    if not hasattr(module, "callback_weights"):
+        module.callback_weights = nn.ModuleDict()
+    if name not in module.callback_weights:
+        module.callback_weights[name] = WeightStore(tensors)
+    return module.callback_weights[name]
+
+
+@torch.no_grad()
+def ema_update_(average: Tensor, value: Tensor, decay: float) -> None:
+    """average ← decay·average + (1 − decay)·value, in place."""
+    average.lerp_(value.to(average.dtype), 1.0 - decay)
+
+
+@torch.no_grad()
+def copy_(destination: Tensor, source: Tensor) -> None:
+    destination.copy_(source)
+
+
+def interpolate(initial: Tensor, trained: Tensor, alpha: float) -> Tensor:
+    """(1 − α)·θ_init + α·θ_trained (WiSE-FT, Wortsman et al. 2022, Eq. 1; α = 1 keeps the trained weights)."""
+    return initial + alpha * (trained - initial)
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder-layer number in a parameter name (Llama ``layers.i``, GPT-2 ``h.i``), or None outside layers."""
+    match = _LAYER_INDEX.search("." + name)
+    return int(match.group(1)) if match else None
+
+
+def average_state_dicts(state_dicts: Iterable[tuple[str, Mapping[str, Tensor]]], weights: list[float]) -> dict:
+    """Σ_i w_i·θ_i over checkpoints with identical tensor names and shapes (a model soup, Wortsman et al. 2022).
+
+    ``state_dicts`` yields ``(source, state_dict)`` one at a time so only one checkpoint and the running sum are in
+    memory. The first tensor whose name or shape differs from the first checkpoint is a ``ValueError`` naming it.
+    """
+    total: dict[str, Tensor] = {}
+    first_source = None
+    for index, (source, state) in enumerate(state_dicts):
+        weight = weights[index]
+        if first_source is None:
+            first_source = source
+            total = {name: tensor.detach().double() * weight for name, tensor in state.items()}
+            continue
+        for name in total:
+            if name not in state:
+                raise ValueError(f"{source} has no tensor '{name}' (present in {first_source})")
+            if state[name].shape != total[name].shape:
+                raise ValueError(
+                    f"{source}: tensor '{name}' has shape {tuple(state[name].shape)}, "
+                    f"{first_source} has {tuple(total[name].shape)}"
+                )
+            total[name] += state[name].detach().double() * weight
+        extra = sorted(set(state) - set(total))
+        if extra:
+            raise ValueError(f"{source} has tensor '{extra[0]}' that {first_source} does not have")
+    return total
