@@ -113,12 +113,13 @@ class OnlineMerging(L.Callback):
                         f"OnlineMerging: base model {self.base_model} has no tensor '{base_name}' of shape "
                         f"{tuple(parameter.shape)}; it must be the model the policy was fine-tuned from (no LoRA)"
                     )
-                tau[name] = local(parameter) - shard_like(base[base_name].detach(), parameter)
+                tau[name] = parameter.detach().clone()  # a DTensor under FSDP2, so the store keeps its layout
+                local(tau[name]).sub_(shard_like(base[base_name].detach(), parameter))
             del base
             self.tau = attach_store(pl_module, "online_merging_tau", tau)
             if self.method == "onties":  # F_p(τ) is the same every step: trim once
                 for name, parameter in self.weights.items():
-                    whole = full(_as_sharded(self.tau[name], parameter))
+                    whole = full(self.tau.whole(name))
                     self.tau[name].mul_(shard_like(top_fraction_mask(whole, self.keep), parameter))
         self.reference_masks: dict[str, Tensor] = {}
         self.before = {name: local(p).detach().clone() for name, p in self.weights.items()}

@@ -76,15 +76,21 @@ def _buffer_name(name: str) -> str:
 
 
 class WeightStore(nn.Module):
-    """Named snapshots (local shards) kept as buffers, so the module's checkpoint carries them."""
+    """Named snapshots kept as buffers, so the module's checkpoint carries them. Under FSDP2 each is a DTensor
+    laid out like its parameter: a rank stores its shard only, and a sharded checkpoint saves every shard."""
 
     def __init__(self, tensors: Mapping[str, Tensor]) -> None:
         super().__init__()
         self.names = list(tensors)
         for name, tensor in tensors.items():
-            self.register_buffer(_buffer_name(name), local(tensor).detach().clone())
+            self.register_buffer(_buffer_name(name), tensor.detach().clone())
 
     def __getitem__(self, name: str) -> Tensor:
+        """This rank's part of snapshot ``name`` (a plain tensor sharing the buffer's storage)."""
+        return local(getattr(self, _buffer_name(name)))
+
+    def whole(self, name: str) -> Tensor:
+        """Snapshot ``name`` as stored (a DTensor under FSDP2)."""
         return getattr(self, _buffer_name(name))
 
     def items(self) -> Iterable[tuple[str, Tensor]]:

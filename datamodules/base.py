@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, DistributedSampler, Dataset
 
 # ---- canonical batch keys (import these, never spell the strings) --------------------------------
 PROMPT_INPUT_IDS = "prompt_input_ids"
@@ -625,10 +625,20 @@ class BenchmarkDataModule(LightningDataModule):
             else:
                 self.dropped_rows[role] = 0
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = None
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        if role == "train" and world > 1:
+            # Lightning's own distributed sampler always shuffles training data; ours honours ``shuffle`` and ``seed``
+            # (Lightning still calls ``set_epoch`` on it).
+            sampler = DistributedSampler(
+                data, num_replicas=world, rank=self.trainer.global_rank, shuffle=shuffle, seed=self.seed
+            )
+            shuffle, generator = False, None
         return DataLoader(
             data,
             batch_size=size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             collate_fn=Collator(data.mode, self._pad_id(), self.max_length),
             num_workers=self.num_workers,

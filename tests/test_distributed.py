@@ -78,3 +78,51 @@ def test_fsdp2_training_and_export_match_a_single_process(tmp_path, hh_dir):
     assert weights_one.keys() <= weights_two.keys()
     for name, weight in weights_one.items():
         torch.testing.assert_close(weights_two[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def launch(script: str, world_size: int, *args: str) -> None:
+    """Start ``world_size`` processes the way torchrun does (rank and rendezvous in the environment)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if world_size > 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), NODE_RANK="0")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPTS / script), *args],
+            env={**env, **({"RANK": str(rank), "LOCAL_RANK": str(rank)} if world_size > 1 else {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    for rank, process in enumerate(processes):
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, f"rank {rank}: {stderr[-3000:]}"
+
+
+CALLBACKS = ["elastic_reset", "interpolation", "reference_soup", "online_merging", "reference_sync"]
+
+
+def test_every_callback_under_fsdp2_matches_one_process_and_resumes_from_sharded_checkpoints(tmp_path, hh_dir):
+    models = [save_tiny(tmp_path / name, seed) for name, seed in (("base", 5), ("soup_a", 1), ("soup_b", 2))]
+    for devices in (1, 2):
+        (tmp_path / str(devices)).mkdir()
+        launch("fsdp2_callbacks.py", devices, str(tmp_path / str(devices)), str(hh_dir), *models)
+    for name in CALLBACKS:
+        one = torch.load(tmp_path / "1" / f"{name}-full-1.pt")
+        two = torch.load(tmp_path / "2" / f"{name}-full-2.pt")
+        resumed = torch.load(tmp_path / "2" / f"{name}-resumed-2.pt")
+        assert one.keys() == two.keys() == resumed.keys(), name
+        for key, weight in one.items():
+            # Adam divides by √v, so float noise in small gradients (sums in another order on 2 ranks) becomes
+            # update noise of up to lr (1e-3); a sharding mistake moves whole tensors by lr or more
+            difference = (two[key] - weight).abs()
+            assert difference.max() < 1e-3 and difference.mean() < 2e-5, (name, key, difference.mean())
+            assert torch.equal(resumed[key], two[key]), (name, key)  # the sharded checkpoint restored everything
+        sizes = json.loads((tmp_path / "2" / f"{name}-sizes-2.json").read_text())
+        assert sizes["local"] == sizes["whole"] // 2, (name, sizes)  # each rank keeps only its shard of a copy
