@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 # ---- canonical batch keys (import these, never spell the strings) --------------------------------
 PROMPT_INPUT_IDS = "prompt_input_ids"

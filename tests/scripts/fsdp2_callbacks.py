@@ -71,7 +71,8 @@ def full_state(module: DPOModule) -> dict[str, torch.Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = {}
     for prefix in ("policy", "reference"):
-        state.update({f"{prefix}.{k}": v for k, v in get_model_state_dict(getattr(module, prefix), options=options).items()})
+        part = get_model_state_dict(getattr(module, prefix), options=options)
+        state.update({f"{prefix}.{k}": v for k, v in part.items()})
     for name, store in getattr(module, "callback_weights", {}).items():
         for tensor_name in store.names:
             whole = store.whole(tensor_name)
