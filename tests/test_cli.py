@@ -74,3 +74,26 @@ def test_unknown_option_is_a_clear_error(tmp_path):
     )
     assert result.returncode != 0
     assert "betta" in result.stderr
+
+
+def test_callback_configs_train_from_the_cli(tmp_path, hh_dir):
+    """The shipped online-merging and reference-soup configs, pointed at tiny models, train and log."""
+    from lit_align.models import load_tokenizer, tiny_llama
+
+    models = {}
+    for name, seed in (("base", 5), ("soup_a", 1), ("soup_b", 2)):
+        tiny_llama(seed).save_pretrained(tmp_path / name)
+        load_tokenizer("tiny-llama").save_pretrained(tmp_path / name)
+        models[name] = str(tmp_path / name)
+    settings = {
+        "hh/dpo_online_merging.yaml": {"base_model": models["base"], "alpha": 0.1, "keep": 0.5},
+        "hh/dpo_reference_soup.yaml": {"checkpoints": [models["soup_a"], models["soup_b"]]},
+    }
+    for config, changes in settings.items():
+        loaded = yaml.safe_load((REPO / "configs" / config).read_text())
+        loaded["trainer"]["callbacks"][0]["init_args"].update(changes)
+        path = tmp_path / config.replace("/", "_")
+        path.write_text(yaml.safe_dump(loaded))
+        result = lit_align("fit", "--config", str(path), *tiny_overrides(hh_dir, tmp_path / path.stem), cwd=tmp_path)
+        assert result.returncode == 0, (config, result.stderr[-3000:])
+        assert "eval_rewards/chosen" in next((tmp_path / path.stem).rglob("metrics.csv")).read_text()
