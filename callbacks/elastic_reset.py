@@ -6,8 +6,10 @@ and the EMA back to the initial model (Algorithm 1). The KL penalty of the train
     θ_ema ← d·θ_ema + (1 − d)·θ          every ``ema_every`` steps (d = ``decay``, paper 0.995)
     θ ← θ_ema;  θ_ema ← θ_0             every ``reset_every`` steps
 
-Extra copies of the weights: the EMA and θ_0, each the size of the trainable weights (only the adapters under
-LoRA). With ``ema_as_reference`` the EMA *is* the frozen reference model, so it costs no copy of its own.
+Extra copies of the weights: the EMA, the size of the trainable weights (only the adapters under LoRA). θ_0 is
+read from the frozen reference while that still holds the initial model; otherwise (LoRA, value head, a reference
+from elsewhere, or a callback that rewrites the reference) it is a second copy. With ``ema_as_reference`` the EMA
+*is* the reference, so it costs no copy, and θ_0 is kept.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.weights import attach_store, copy_, ema_update_, local, reference_pairs, trainable_parameters
+from callbacks.weights import (
+    attach_store,
+    copy_,
+    ema_update_,
+    initial_weights,
+    local,
+    reference_pairs,
+    trainable_parameters,
+)
 
 
 class ElasticReset(L.Callback):
@@ -58,6 +68,10 @@ class ElasticReset(L.Callback):
         self.resets = 0
 
     @property
+    def writes_reference(self) -> bool:
+        return self.ema_as_reference
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(
             reset_every=self.reset_every, decay=self.decay, ema_every=self.ema_every,
@@ -66,7 +80,7 @@ class ElasticReset(L.Callback):
 
     def on_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.weights = trainable_parameters(pl_module, self.include_value_head)
-        self.initial = attach_store(pl_module, "elastic_reset_initial", self.weights)
+        self.initial = initial_weights(trainer, pl_module, "elastic_reset_initial", self.weights)
         if self.ema_as_reference:
             pairs = {id(policy): reference for _, policy, reference in reference_pairs(pl_module, "ElasticReset")}
             self.ema = {name: pairs[id(p)] for name, p in self.weights.items()}

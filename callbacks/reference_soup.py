@@ -61,6 +61,8 @@ class ReferenceSoup(L.Callback):
         self.checkpoints, self.weights, self.init_policy = [str(c) for c in checkpoints], weights, init_policy
         self.applied = False
 
+    writes_reference = True
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(checkpoints=self.checkpoints, weights=self.weights)

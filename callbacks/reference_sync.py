@@ -33,6 +33,8 @@ class ReferenceSync(L.Callback):
         self.alpha, self.sync_every = alpha, sync_every
         self.steps = 0
 
+    writes_reference = True
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(alpha=self.alpha, sync_every=self.sync_every)

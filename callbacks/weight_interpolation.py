@@ -14,7 +14,8 @@ Applied when training ends, before ``export_dir`` is written. ``sweep`` evaluate
 set first and logs one point per α (``interpolation/alpha`` plus every ``eval_*`` metric), so one run yields a
 reward-vs-drift curve; the weights are then left at ``alpha``.
 
-Extra copies of the weights: θ_init (the size of the trainable weights), plus θ_trained while a sweep runs.
+Extra copies of the weights: none while training if the frozen reference still holds θ_init (it is read from
+there); otherwise θ_init (the size of the trainable weights). Plus θ_trained while a sweep runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.weights import WeightStore, attach_store, interpolate, layer_index, local, trainable_parameters
+from callbacks.weights import WeightStore, initial_weights, interpolate, layer_index, local, trainable_parameters
 
 
 def block_alpha_per_layer(num_layers: int, block_alphas: list[float]) -> list[float]:
@@ -76,7 +77,7 @@ class WeightInterpolation(L.Callback):
 
     def on_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.weights = trainable_parameters(pl_module, self.include_value_head)
-        self.initial = attach_store(pl_module, "interpolation_initial", self.weights)
+        self.initial = initial_weights(trainer, pl_module, "interpolation_initial", self.weights)
 
     def ratios(self, alpha: float) -> dict[str, float]:
         """α for every tensor: ``alpha`` everywhere, or the HMA block ratio inside the decoder layers."""

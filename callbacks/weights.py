@@ -109,6 +109,25 @@ def attach_store(module: nn.Module, name: str, tensors: Mapping[str, Tensor]) ->
     return module.callback_weights[name]
 
 
+def initial_weights(trainer, module: nn.Module, store_name: str, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """θ_0 of ``weights`` (local shards). Where the frozen reference still holds a tensor's initial value and no
+    callback rewrites the reference, that tensor is read from the reference: no copy. The rest (LoRA adapters, a
+    value head, a reference from elsewhere) is snapshotted into the store ``store_name``."""
+    shared: dict[str, Tensor] = {}
+    rewritten = any(getattr(callback, "writes_reference", False) for callback in trainer.callbacks)
+    releases = getattr(module.hparams, "precompute_ref_logps", False)  # the reference is freed before training
+    if getattr(module, "reference", None) is not None and not rewritten and not releases:
+        references = dict(module.reference.named_parameters())
+        for name, parameter in weights.items():
+            reference = references.get(name.removeprefix("policy."))
+            if reference is not None and reference.shape == parameter.shape:
+                if torch.equal(local(reference), local(parameter)):
+                    shared[name] = local(reference)
+    rest = {name: parameter for name, parameter in weights.items() if name not in shared}
+    stored = dict(attach_store(module, store_name, rest).items()) if rest else {}
+    return {name: shared.get(name, stored.get(name)) for name in weights}
+
+
 @torch.no_grad()
 def ema_update_(average: Tensor, value: Tensor, decay: float) -> None:
     """average ← decay·average + (1 − decay)·value, in place."""

@@ -140,6 +140,7 @@ def test_elastic_reset_follows_the_ema_and_resets(hh_dir):
         stored = module.callback_weights["elastic_reset_ema"][f"policy.{name}"]
         assert torch.allclose(stored, ema_now, atol=1e-6), name
     assert not torch.equal(theta2["model.norm.weight"], recorder.before[2]["model.norm.weight"])
+    assert "elastic_reset_initial" not in module.callback_weights  # θ_0 is read from the frozen reference
 
 
 def test_elastic_reset_with_the_ema_as_kl_reference(hh_dir):
@@ -147,6 +148,7 @@ def test_elastic_reset_with_the_ema_as_kl_reference(hh_dir):
     module = dpo()
     fit(module, hh_pairs(hh_dir), [recorder, ElasticReset(reset_every=3, decay=decay, ema_as_reference=True)], 1)
     assert "elastic_reset_ema" not in module.callback_weights  # the reference is the EMA: no extra copy
+    assert "elastic_reset_initial" in module.callback_weights  # so θ_0 needs one
     references = dict(module.reference.named_parameters())
     for name, theta1 in recorder.after[0].items():
         assert torch.allclose(references[name], decay * recorder.initial[name] + (1 - decay) * theta1, atol=1e-6)
