@@ -24,10 +24,17 @@ from typing import ClassVar, NamedTuple
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from transformers import GenerationConfig
 
 from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
-from lit_align.base import AlignmentModule, _unwrap, position_ids, token_logprobs
+from lit_align.base import (
+    AlignmentModule,
+    _unwrap,
+    decode_responses,
+    position_ids,
+    response_logprobs,
+    sample_responses,
+    token_logprobs,
+)
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean
 from lit_align.metrics import Perplexity, StageMetrics
 from lit_align.models import load_causal_lm
@@ -266,15 +273,9 @@ class PPOModule(AlignmentModule):
         """Log-probs of the response tokens under ``model`` (logits / temperature, as sampled), the values
         V(s_t) of the states before each response token, and the per-token logits' entropy."""
         wants_hidden = with_values and self.value_trunk is None
-        out = model(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            output_hidden_states=wants_hidden,
-            use_cache=False,
+        logprobs, logits, out = response_logprobs(
+            model, sequences, attention_mask, prompt_width, self.hparams.temperature, wants_hidden
         )
-        logits = out.logits[:, prompt_width - 1 : -1] / self.hparams.temperature
-        logprobs = token_logprobs(logits, sequences[:, prompt_width:])
         values = None
         if with_values:
             if self.value_trunk is not None:
@@ -300,35 +301,17 @@ class PPOModule(AlignmentModule):
 
     # ---- 1. rollout --------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample responses; returns (sequences, attention mask, response mask up to and including EOS)."""
-        eos = self.tokenizer.eos_token_id
-        config = GenerationConfig(
-            do_sample=True,
-            temperature=self.hparams.temperature,
-            top_k=self.hparams.top_k,
-            top_p=self.hparams.top_p,
-            max_new_tokens=self.hparams.max_new_tokens,
-            min_new_tokens=self.hparams.min_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
-            use_cache=True,
-        )
-        sharded = self.trainer.world_size > 1 if self._trainer is not None else False
-        sequences = self.policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=sharded
-        )
-        responses = sequences[:, prompt_ids.shape[1] :]
-        response_mask = responses_until_eos(responses, eos)
-        return sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask
+        """Sample responses from the policy; (sequences, attention mask, response mask up to and including EOS)."""
+        hp = self.hparams
+        return sample_responses(
+            self.policy, self.tokenizer, prompt_ids, prompt_mask,
+            max_new_tokens=hp.max_new_tokens, min_new_tokens=hp.min_new_tokens, temperature=hp.temperature,
+            top_k=hp.top_k, top_p=hp.top_p, synced_gpus=self._trainer is not None and self.trainer.world_size > 1,
+        )  # fmt: skip
 
     def decode(self, sequences: Tensor, prompt_width: int, response_mask: Tensor) -> tuple[list[str], list[str]]:
-        """The prompt as the policy saw it (after truncation, padding removed) and the response up to EOS."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        prompts = self.tokenizer.batch_decode(sequences[:, :prompt_width], skip_special_tokens=True)
-        responses = sequences[:, prompt_width:].masked_fill(response_mask == 0, pad)
-        return prompts, self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return decode_responses(self.tokenizer, sequences, prompt_width, response_mask)
 
     def rollout(self, batch: dict, stage: str) -> tuple[Rollout, dict[str, Tensor]]:
         k = self.hparams.samples_per_prompt
@@ -546,11 +529,3 @@ def repeat_rows(value, k: int):
     if isinstance(value, list):
         return [item for item in value for _ in range(k)]
     return value
-
-
-def responses_until_eos(responses: Tensor, eos_token_id: int) -> Tensor:
-    """1 for every response token up to and including the first EOS (all tokens when there is none)."""
-    is_eos = responses == eos_token_id
-    positions = torch.arange(responses.shape[1], device=responses.device)
-    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1] - 1)
-    return (positions[None, :] <= first_eos[:, None]).long()

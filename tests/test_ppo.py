@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from datamodules import HHDataModule
+from lit_align.base import responses_until_eos
 from lit_align.models import load_tokenizer, tiny_llama
-from lit_align.ppo import PPOModule, responses_until_eos
+from lit_align.ppo import PPOModule
 from lit_align.rewards import CallableReward
 
 TARGET = " bets"  # a token the peaked tiny model below samples ~2% of the time at the start
