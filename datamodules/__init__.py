@@ -29,6 +29,7 @@ from datamodules.base import (
     DataValidationError,
     SkipRow,
 )
+from datamodules.controlled import ControlledGenerationDataModule
 from datamodules.hh import HHDataModule
 from datamodules.imdb import IMDBDataModule
 from datamodules.multi30k import PivotTranslationDataModule
@@ -62,6 +63,7 @@ __all__ = [
     "SPLITS",
     "TEXT",
     "BenchmarkDataModule",
+    "ControlledGenerationDataModule",
     "DataValidationError",
     "HHDataModule",
     "IMDBDataModule",

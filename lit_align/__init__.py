@@ -1,6 +1,7 @@
 """lit-align: Lightning modules for aligning language models with a measured, low alignment tax."""
 
 from lit_align.base import AlignmentModule, sequence_logprobs, token_logprobs
+from lit_align.distribution_matching import DistributionMatchingModule
 from lit_align.dpo import DPOModule
 from lit_align.kto import KTOModule
 from lit_align.models import EMBEDDED_MODEL, TINY_MODEL, LoraSettings, load_causal_lm, load_tokenizer
@@ -13,6 +14,7 @@ __all__ = [
     "TINY_MODEL",
     "AlignmentModule",
     "DPOModule",
+    "DistributionMatchingModule",
     "KTOModule",
     "LoraSettings",
     "PPOModule",

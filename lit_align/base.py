@@ -268,10 +268,15 @@ class AlignmentModule(L.LightningModule):
         self._shard_for_model_parallel()
 
     def build_extra_modules(self) -> None:
-        """Hook for trainable modules besides the policy (e.g. PPO's value head), built before sharding."""
+        """Hook for modules besides the policy and reference (PPO's value head, a DPG proposal), built before
+        sharding."""
 
     def extra_trainable_modules(self) -> list[nn.Module]:
         """Trainable modules besides the policy: optimised and sharded with it."""
+        return []
+
+    def extra_frozen_modules(self) -> list[nn.Module]:
+        """Frozen models besides the reference (e.g. distribution matching's proposal): sharded, kept in eval mode."""
         return []
 
     lora_task_type: ClassVar[str] = "CAUSAL_LM"
@@ -285,7 +290,7 @@ class AlignmentModule(L.LightningModule):
 
         if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
             mesh = mesh["data_parallel"]
-        for model in (self.policy, self.reference, *self.extra_trainable_modules()):
+        for model in (self.policy, self.reference, *self.extra_trainable_modules(), *self.extra_frozen_modules()):
             if model is None or isinstance(model, FSDPModule):
                 continue
             layer_classes = set(getattr(_unwrap(model), "_no_split_modules", None) or [])
@@ -295,10 +300,11 @@ class AlignmentModule(L.LightningModule):
             fully_shard(model, mesh=mesh)
 
     def train(self, mode: bool = True) -> AlignmentModule:
-        """Keep the frozen reference in eval mode whatever Lightning sets."""
+        """Keep the frozen reference (and other frozen models) in eval mode whatever Lightning sets."""
         super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
+        for frozen in (self.reference, *self.extra_frozen_modules()):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     # ---- log-probs ------------------------------------------------------------------------------------------

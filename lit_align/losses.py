@@ -549,3 +549,28 @@ def clipped_value_loss(
     clipped_error = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
     return ClippedLossOutput(loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach())
+
+
+def dpg_loss(
+    policy_logps: Tensor,
+    target_logps: Tensor,
+    proposal_logps: Tensor,
+    z: Tensor | float = 1.0,
+    baseline: bool = False,
+    clip_weights: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Distributional policy gradient, per sample: −A(x)·log π(x) for x ~ q, with sequence log-probs.
+
+    KL-DPG (Khalifa et al. 2021, Eq. 4, off-policy): A = P(x)/q(x), an unbiased estimate of ∇ CE(p, π) up to 1/Z.
+    GDC++ (Korbak et al. 2022, Fact 2): A = P(x)/q(x) − Ẑ·π(x)/q(x), the baseline Ẑ·π/q has zero mean under q.
+    ``target_logps`` = log P(x) (−inf where P = 0); ``clip_weights`` caps P/q (off by default).
+    Returns (loss [B], advantage [B]).
+    """
+    weights = torch.exp(target_logps.double() - proposal_logps.double())
+    if clip_weights is not None:
+        weights = weights.clamp(max=clip_weights)
+    advantage = weights
+    if baseline:
+        advantage = weights - float(z) * torch.exp(policy_logps.detach().double() - proposal_logps.double())
+    advantage = advantage.to(policy_logps.dtype)
+    return -advantage * policy_logps, advantage

@@ -7,6 +7,7 @@ one (``rewards/chosen``, ``rewards/margins``, ``logps/chosen``, ``kl``, ...).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -93,3 +94,35 @@ class StageMetrics(nn.Module):
             for key, metric in self.stages[f"{stage}_metrics"].items()
             if metric.update_called
         }
+
+
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def distinct_n(text: str, n: int) -> float:
+    """Distinct-n of one text: unique n-grams / tokens (Li et al. 2016; GDC's per-text variant), words and
+    punctuation as tokens; 0 for an empty text."""
+    tokens = _WORDS.findall(text.lower())
+    if not tokens:
+        return 0.0
+    grams = {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+    return len(grams) / len(tokens)
+
+
+def self_bleu(texts: list[str], max_order: int) -> float:
+    """Self-BLEU-n (Zhu et al. 2018, Texygen): mean sentence BLEU (sacrebleu, up to ``max_order``-grams, 'exp'
+    smoothing) of each text against all the others; 0 with fewer than two texts."""
+    from sacrebleu.metrics import BLEU
+
+    if len(texts) < 2:
+        return 0.0
+    bleu = BLEU(max_ngram_order=max_order, effective_order=True)
+    scores = [bleu.sentence_score(text, texts[:i] + texts[i + 1 :]).score / 100 for i, text in enumerate(texts)]
+    return sum(scores) / len(scores)
+
+
+def diversity_scores(texts: list[str]) -> dict[str, float]:
+    """Distinct-1/2/3 (mean over texts) and Self-BLEU-3/4/5 (over this set of texts)."""
+    scores = {f"distinct_{n}": sum(distinct_n(t, n) for t in texts) / max(len(texts), 1) for n in (1, 2, 3)}
+    scores.update({f"self_bleu_{n}": self_bleu(texts, n) for n in (3, 4, 5)})
+    return scores
