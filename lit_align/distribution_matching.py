@@ -30,7 +30,7 @@ from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule, decode_responses, response_logprobs, sample_responses
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
 from lit_align.losses import dpg_loss
-from lit_align.metrics import StageMetrics, diversity_scores
+from lit_align.metrics import DIVERSITY_NAMES, StageMetrics, diversity_scores
 
 
 class DistributionMatchingModule(AlignmentModule):
@@ -64,12 +64,7 @@ class DistributionMatchingModule(AlignmentModule):
         "dpg/proposal_kl_to_init",
         "drift/kl_to_init",
         "completions/mean_length",
-        "diversity/distinct_1",
-        "diversity/distinct_2",
-        "diversity/distinct_3",
-        "diversity/self_bleu_3",
-        "diversity/self_bleu_4",
-        "diversity/self_bleu_5",
+        *(f"diversity/{name}" for name in DIVERSITY_NAMES),
     )
     progress_bar_metrics = ("dpg/kl_p_pi",)
 
@@ -194,13 +189,14 @@ class DistributionMatchingModule(AlignmentModule):
             "dpg/weights_mean": weights.float(),
             "dpg/advantage_mean": advantage.detach().float(),
             "dpg/advantage_std": advantage.detach().float().std(unbiased=False).reshape(1),
-            "dpg/kl_p_pi": importance_kl(log_target, log_q, log_pi.detach(), z).float().reshape(1),
-            "dpg/kl_p_q": importance_kl(log_target, log_q, log_q, z).float().reshape(1),
-            "dpg/tvd_p_pi": importance_tvd(log_target, log_q, log_pi.detach(), z).float().reshape(1),
             "dpg/proposal_kl_to_init": (log_q - log_a).float(),
             "completions/mean_length": response_mask.sum(-1).float(),
             **{f"constraints/{name}": values[:, i].float() for i, name in enumerate(self.target.feature_names)},
         }
+        if z > 0:  # before any sample has P(x) > 0 the divergences to p are undefined
+            stats["dpg/kl_p_pi"] = importance_kl(log_target, log_q, log_pi.detach(), z).float().reshape(1)
+            stats["dpg/kl_p_q"] = importance_kl(log_target, log_q, log_q, z).float().reshape(1)
+            stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_q, log_pi.detach(), z).float().reshape(1)
         every = self.hparams.grad_variance_every
         if every and self.global_step % every == 0:
             stats["dpg/grad_variance"] = self.gradient_variance(
@@ -289,13 +285,14 @@ class DistributionMatchingModule(AlignmentModule):
         z = self.z if self.z_count > 0 else torch.exp(log_target - log_pi).mean()
         stats = {
             "drift/kl_to_init": (log_pi - log_a).float(),
-            "dpg/kl_p_pi": importance_kl(log_target, log_pi, log_pi, z).float().reshape(1),
-            "dpg/tvd_p_pi": importance_tvd(log_target, log_pi, log_pi, z).float().reshape(1),
             "dpg/z": z.float().reshape(1),
             "completions/mean_length": response_mask.sum(-1).float(),
             **{f"constraints/{name}": values[:, i].float() for i, name in enumerate(self.target.feature_names)},
             **{f"diversity/{name}": torch.tensor([value]) for name, value in diversity_scores(completions).items()},
         }
+        if z > 0:
+            stats["dpg/kl_p_pi"] = importance_kl(log_target, log_pi, log_pi, z).float().reshape(1)
+            stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_pi, log_pi, z).float().reshape(1)
         self.log_values(stage, stats, batch_size=len(completions))
 
     # ---- state that must survive a checkpoint --------------------------------------------------------------------

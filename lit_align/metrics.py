@@ -121,6 +121,9 @@ def self_bleu(texts: list[str], max_order: int) -> float:
     return sum(scores) / len(scores)
 
 
+DIVERSITY_NAMES = ("distinct_1", "distinct_2", "distinct_3", "self_bleu_3", "self_bleu_4", "self_bleu_5")
+
+
 def diversity_scores(texts: list[str]) -> dict[str, float]:
     """Distinct-1/2/3 (mean over texts) and Self-BLEU-3/4/5 (over this set of texts)."""
     scores = {f"distinct_{n}": sum(distinct_n(t, n) for t in texts) / max(len(texts), 1) for n in (1, 2, 3)}

@@ -36,7 +36,7 @@ from lit_align.base import (
     token_logprobs,
 )
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean
-from lit_align.metrics import Perplexity, StageMetrics
+from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics, diversity_scores
 from lit_align.models import load_causal_lm
 from lit_align.rewards import RewardFunction
 
@@ -187,6 +187,7 @@ class PPOModule(AlignmentModule):
         "time/update",
         "drift/kl_to_init",
         "completions/mean_length",
+        *(f"diversity/{name}" for name in DIVERSITY_NAMES),
     )
     progress_bar_metrics = ("objective/scores", "objective/kl")
 
@@ -482,6 +483,7 @@ class PPOModule(AlignmentModule):
                 "objective/scores": scores,
                 "drift/kl_to_init": ((logprobs - ref_logprobs) * mask).sum(-1),
                 "completions/mean_length": mask.sum(-1),
+                **{f"diversity/{name}": torch.tensor([v]) for name, v in diversity_scores(completions).items()},
             },
             batch_size=scores.shape[0],
         )

@@ -225,6 +225,18 @@ class CallableReward(RewardFunction):
         return values
 
 
+class FeatureReward(RewardFunction):
+    """A per-text feature (e.g. ``lit_align.ebm.WordFeature``, any ``str -> float``) scored on the completion:
+    the RL counterpart of a distribution-matching constraint."""
+
+    def __init__(self, feature: Callable[[str], float]) -> None:
+        super().__init__("completion")
+        self.feature = feature
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
+        return torch.tensor([float(self.feature(text)) for text in completions], dtype=torch.float32)
+
+
 class PivotBLEUReward(RewardFunction):
     """Pivot-translation reward (Lee et al. 2019; Noukhovitch et al. 2023): a frozen causal LM translates the
     policy's French into German (greedy), and the reward is the sentence BLEU of that German against
