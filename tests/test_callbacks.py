@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from recording import Recorder, snapshot
 
 from callbacks import ElasticReset, OnlineMerging, ReferenceSoup, ReferenceSync, WeightInterpolation
 from callbacks.online_merging import ondare_update, onties_update, top_fraction_mask
@@ -66,28 +67,6 @@ def test_ondare_and_onties_merges_match_hand_values():
 
 
 # ---- on a real tiny model ---------------------------------------------------------------------------------------
-
-
-class Recorder(L.Callback):
-    """Placed before the callback under test: the raw weights right before and after each optimizer step."""
-
-    def __init__(self) -> None:
-        self.before: list[dict[str, torch.Tensor]] = []
-        self.after: list[dict[str, torch.Tensor]] = []
-
-    def on_configure_model(self, trainer, pl_module) -> None:
-        if not self.before and not self.after:
-            self.initial = snapshot(pl_module.policy)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.before.append(snapshot(pl_module.policy))
-
-    def on_after_optimizer_step(self, trainer, pl_module) -> None:
-        self.after.append(snapshot(pl_module.policy))
-
-
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def hh_pairs(hh_dir, batch_size: int = 2, rows: int = 4) -> HHDataModule:

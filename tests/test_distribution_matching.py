@@ -309,3 +309,31 @@ def test_diversity_metrics_and_features_hand_values():
     assert WordFeature("amazing")("An Amazing day") == 1.0 and WordFeature("amazing")("amazingly") == 0.0
     assert FemalePronounFeature()("She said her brother saw him") == 1.0
     assert FemalePronounFeature()("He said his sister saw her") == 0.0
+
+
+# ---- alignment-tax callbacks on distribution matching -----------------------------------------------------------
+
+
+def test_elastic_reset_and_interpolation_work_on_distribution_matching(toy_lm):
+    from recording import Recorder
+
+    from callbacks import ElasticReset, WeightInterpolation
+
+    recorder, decay, alpha = Recorder(), 0.5, 0.25
+    module = DistributionMatchingModule(
+        target=PointwiseConstraint({"amazing": WordFeature("amazing")}),
+        model=toy_lm,
+        max_new_tokens=NEW_TOKENS,
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+    )
+    callbacks = [recorder, ElasticReset(reset_every=2, decay=decay), WeightInterpolation(alpha=alpha)]
+    torch.manual_seed(0)
+    trainer(2, callbacks=callbacks).fit(module, datamodule=toy_data(num_train=128, batch_size=64))
+    theta0, (theta1, theta2) = recorder.initial, recorder.after
+    for name, parameter in module.policy.named_parameters():
+        reset_to = decay * (decay * theta0[name] + (1 - decay) * theta1[name]) + (1 - decay) * theta2[name]
+        # Elastic Reset after step 2, then the interpolation toward θ_0 at the end of training
+        expected = (1 - alpha) * theta0[name] + alpha * reset_to
+        assert torch.allclose(parameter, expected, atol=1e-6), name
+    assert not torch.allclose(theta2["model.norm.weight"], theta0["model.norm.weight"])
