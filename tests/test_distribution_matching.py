@@ -337,3 +337,33 @@ def test_elastic_reset_and_interpolation_work_on_distribution_matching(toy_lm):
         expected = (1 - alpha) * theta0[name] + alpha * reset_to
         assert torch.allclose(parameter, expected, atol=1e-6), name
     assert not torch.allclose(theta2["model.norm.weight"], theta0["model.norm.weight"])
+
+
+def test_the_logged_gradient_variance_matches_per_sample_gradients(toy_lm):
+    torch.manual_seed(0)
+    module = DistributionMatchingModule(
+        target=PointwiseConstraint({"amazing": WordFeature("amazing")}),
+        model=toy_lm,
+        max_new_tokens=NEW_TOKENS,
+        learning_rate=0.0,
+    )
+    trainer(1).fit(module, datamodule=toy_data(num_train=64, batch_size=64))
+    data = toy_data(num_train=16, batch_size=16).configure(module.tokenizer, "prompt")
+    data.setup("fit")
+    batch = next(iter(data.dataloader("train")))
+    with torch.no_grad():
+        sequences, attention, response_mask, width, completions = module.sample(module.proposal, batch)
+        log_q = module.sequence_logprobs_of(module.proposal, sequences, attention, width, response_mask).double()
+    log_target = log_q + torch.log(torch.tensor([float("amazing" in c.split()) for c in completions]))
+    logged = module.gradient_variance(sequences, attention, width, response_mask, log_target, log_q)
+    gradients = []
+    for row in range(sequences.shape[0]):
+        tokens = sequences[row, width:][response_mask[row].bool()].tolist()
+        loss, _ = dpg_loss(exact_logprobs_with_grad(module.policy, tokens), log_target[row : row + 1],
+                           log_q[row : row + 1], z=module.z, baseline=True)  # fmt: skip
+        grads = torch.autograd.grad(loss.sum(), list(module.policy.parameters()))
+        gradients.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    stacked = torch.stack(gradients)
+    expected = float(stacked.pow(2).sum(-1).mean() - stacked.mean(0).pow(2).sum())
+    assert expected > 0
+    assert float(logged) == pytest.approx(expected, rel=1e-3)
