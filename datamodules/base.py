@@ -591,6 +591,31 @@ class BenchmarkDataModule(LightningDataModule):
             raise ValueError(f"{type(self).__name__} has no {role} split (val_split=None and holdout=0)")
         return self._datasets[role]
 
+    def probe_batch(self, split: str, mode: str, size: int) -> dict[str, Any]:
+        """The first ``size`` rows of ``split`` in data mode ``mode``, tokenized and collated into one batch.
+
+        A fixed probe set for diagnostics that need another mode than the one being trained on (e.g. chosen /
+        rejected pairs while KTO trains on unpaired rows). Same rows on every rank and every call.
+        """
+        if mode not in DATA_MODES:
+            raise ValueError(f"unknown data mode {mode!r}; expected one of {DATA_MODES}")
+        role = self._role(split)
+        if mode == self.data_mode:
+            data = self.dataset(split)
+            items = [data[i] for i in range(min(size, len(data)))]
+        else:
+            records = dict(zip(("train", "val"), self._native_records(), strict=True))[role]
+            if records is None:
+                raise ValueError(f"{type(self).__name__} has no {role} split (val_split=None and holdout=0)")
+            derived = self._derive(records, mode, random.Random(self.seed))[:size]
+            saved_stats = dict(self.truncation_stats)
+            data = self._tokenize(derived, mode, role)
+            self.truncation_stats = saved_stats  # the probe's truncation must not overwrite the split's counts
+            items = [data[i] for i in range(len(data))]
+        if not items:
+            raise ValueError(f"{type(self).__name__}: split {split!r} is empty; no probe batch")
+        return Collator(mode, self._pad_id(), self.max_length)(items)
+
     def has_split(self, split: str) -> bool:
         return self._role(split) in self._datasets
 

@@ -6,16 +6,20 @@ One step, top to bottom:
      once before training (``precompute_ref_logps``: the reference is then released);
   3. the loss variant (``loss_type``) turns log-ratios into per-example losses and implicit rewards
      r = β·(log π − log π_ref)  (DPO Eq. 5);
-  4. metrics under TRL's names: ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``.
+  4. metrics under TRL's names: ``rewards/{chosen,rejected,margins,accuracies}``, ``logps/{chosen,rejected}``;
+  5. optionally (``normalize_pair_gradients``) the step follows the pairwise-normalised direction
+     ``g_w/‖g_w‖ − g_l/‖g_l‖`` instead of the loss gradient (``lit_align.gradients.normalized_pair_objective``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.base import (
@@ -28,7 +32,8 @@ from datamodules.base import (
     REJECTED_INPUT_IDS,
 )
 from lit_align.base import AlignmentModule, SequenceLogps
-from lit_align.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
+from lit_align.gradients import normalized_pair_objective
+from lit_align.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, margin_coefficients, preference_loss
 
 PAIR_METRICS = (
     "loss",
@@ -42,7 +47,7 @@ PAIR_METRICS = (
 
 
 class DPOModule(AlignmentModule):
-    """DPO with the loss variants of ``lit_align.losses`` (data mode ``pair``).
+    r"""DPO with the loss variants of ``lit_align.losses`` (data mode ``pair``).
 
     Args:
         beta: inverse temperature β of the implicit reward (SimPO: its reward scale).
@@ -52,6 +57,11 @@ class DPOModule(AlignmentModule):
         precompute_ref_logps: compute reference log-probs for every train/val pair in one pass before training,
             reuse them every epoch and drop the reference model from memory.
         precompute_batch_size: batch size of that pass (default: the DataModule's).
+        normalize_pair_gradients: step along ``−s·(g_w/‖g_w‖ − g_l/‖g_l‖)`` (s = the loss derivative), which raises
+            the chosen and lowers the rejected log-prob of every pair to first order (Yuan et al. 2024, the
+            gradient-entanglement mitigation). Costs one extra backward per sequence per step.
+        normalization_parameters: regex on parameter names restricting the per-sequence norms ‖g‖ (e.g.
+            ``layers\.2[6-9]\.`` for the last four blocks, or ``lora_``); ``None`` = every trainable parameter.
         **kwargs: see :class:`~lit_align.base.AlignmentModule` (model, lora, learning_rate, ...).
     """
 
@@ -66,10 +76,14 @@ class DPOModule(AlignmentModule):
         simpo_gamma: float = 0.5,
         precompute_ref_logps: bool = False,
         precompute_batch_size: int | None = None,
+        normalize_pair_gradients: bool = False,
+        normalization_parameters: str | None = None,
         **kwargs,
     ) -> None:
         if loss_type not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type '{loss_type}' is unknown; choose one of {sorted(PREFERENCE_LOSSES)}")
+        if normalization_parameters is not None:
+            re.compile(normalization_parameters)  # a bad pattern fails here, not at the first step
         super().__init__(**kwargs)
         self.uses_reference = loss_type not in REFERENCE_FREE_LOSSES
         self.reference_table: dict[str, Tensor] = {}
@@ -107,7 +121,12 @@ class DPOModule(AlignmentModule):
             label_smoothing=self.hparams.label_smoothing,
             gamma=self.hparams.simpo_gamma,
         )
-        loss = out.losses.mean()
+        losses = out.losses
+        if self.hparams.normalize_pair_gradients and stage == "train":
+            losses = normalized_pair_objective(
+                losses, chosen.logps, rejected.logps, self.normalized_gradient_parameters()
+            )
+        loss = losses.mean()
         self.log_values(
             stage,
             {
@@ -123,9 +142,35 @@ class DPOModule(AlignmentModule):
         )
         return loss
 
+    def pair_margin_coefficients(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """The loss's ``(c_w, c_l)`` on a pair batch (table and derivation: ``losses.margin_coefficients``)."""
+        return margin_coefficients(
+            self.hparams.loss_type,
+            beta=self.hparams.beta,
+            chosen_lengths=batch[CHOSEN_COMPLETION_MASK].sum(-1).float(),
+            rejected_lengths=batch[REJECTED_COMPLETION_MASK].sum(-1).float(),
+        )
+
+    def normalized_gradient_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose per-sequence gradient norms normalise the step (all trainable by default)."""
+        pattern = self.hparams.normalization_parameters
+        chosen = [
+            p
+            for name, p in self.named_parameters()
+            if p.requires_grad and (pattern is None or re.search(pattern, name))
+        ]
+        if not chosen:
+            raise ValueError(f"normalization_parameters={pattern!r} matches no trainable parameter of the policy")
+        return chosen
+
     # ---- precomputed reference log-probs --------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        if self.hparams.normalize_pair_gradients and any(isinstance(p, DTensor) for p in self.parameters()):
+            raise NotImplementedError(
+                "normalize_pair_gradients needs per-sequence gradients of unsharded parameters, which FSDP2 does "
+                "not expose; use strategy=ddp (or LoRA adapters) for this option"
+            )
         self._maybe_precompute(("train", "val"))
 
     def on_validation_start(self) -> None:

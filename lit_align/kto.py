@@ -18,15 +18,21 @@ from torch import Tensor
 
 from datamodules.base import (
     ATTENTION_MASK,
+    CHOSEN_ATTENTION_MASK,
+    CHOSEN_COMPLETION_MASK,
+    CHOSEN_INPUT_IDS,
     COMPLETION_MASK,
     INPUT_IDS,
     KL_ATTENTION_MASK,
     KL_COMPLETION_MASK,
     KL_INPUT_IDS,
     LABEL,
+    REJECTED_ATTENTION_MASK,
+    REJECTED_COMPLETION_MASK,
+    REJECTED_INPUT_IDS,
 )
 from lit_align.base import AlignmentModule
-from lit_align.losses import kto_loss
+from lit_align.losses import kto_loss, kto_margin_coefficients
 from lit_align.metrics import DifferenceOfMeans
 
 
@@ -47,6 +53,7 @@ class KTOModule(AlignmentModule):
         self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **kwargs
     ) -> None:
         super().__init__(**kwargs)
+        self.last_reference_point = 0.0  # z_ref of the latest training batch (for diagnostics)
 
     def extra_metrics(self) -> dict:
         return {"rewards/margins": DifferenceOfMeans}
@@ -76,6 +83,8 @@ class KTOModule(AlignmentModule):
         policy = self.policy_logprobs(*inputs)
         reference = self.reference_logprobs(*inputs)
         z_ref = self.reference_point(batch)
+        if stage == "train":
+            self.last_reference_point = float(z_ref)
         desirable = batch[LABEL].bool()
         out = kto_loss(
             policy.logps,
@@ -102,6 +111,24 @@ class KTOModule(AlignmentModule):
         margins.update(out.rewards[desirable], out.rewards[~desirable])
         self.log(self.metrics.log_name(stage, "rewards/margins"), margins, on_step=False, on_epoch=True)
         return out.losses.mean()
+
+    @torch.no_grad()
+    def pair_margin_coefficients(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """KTO's ``(c_w, c_l)`` on a pair batch at the latest z_ref (``losses.kto_margin_coefficients``)."""
+        ratios = []
+        for side in (
+            (CHOSEN_INPUT_IDS, CHOSEN_ATTENTION_MASK, CHOSEN_COMPLETION_MASK),
+            (REJECTED_INPUT_IDS, REJECTED_ATTENTION_MASK, REJECTED_COMPLETION_MASK),
+        ):
+            inputs = [batch[key] for key in side]
+            ratios.append(self.policy_logprobs(*inputs).logps - self.reference_logprobs(*inputs).logps)
+        return kto_margin_coefficients(
+            *ratios,
+            self.last_reference_point,
+            beta=self.hparams.beta,
+            desirable_weight=self.hparams.desirable_weight,
+            undesirable_weight=self.hparams.undesirable_weight,
+        )
 
     def on_train_start(self) -> None:
         datamodule = self.trainer.datamodule
