@@ -250,3 +250,52 @@ def test_normalized_step_is_the_pairwise_normalized_direction(hh_dir):
         scale = 0.5 * torch.sigmoid(-0.5 * delta)  # DPO: −∂L/∂log π_w = ∂L/∂log π_l = β σ(−βΔ)
         expected += -scale.double() * (g_w / g_w.norm() - g_l / g_l.norm()) / 2  # mean over the 2 pairs
     assert (got - expected).norm() < 1e-4 * expected.norm()  # float32 sums vs float64: elementwise noise ~1e-8
+
+
+def apply_module_step(module: DPOModule, batch: dict, target_change: float) -> tuple[float, float]:
+    """One plain gradient step with the module's own gradient, sized so the larger predicted first-order log-prob
+    change is ``target_change``; returns the real changes (Δ log π_w, Δ log π_l)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    before = [module.policy_logprobs(*(batch[k] for k in side)).logps.item() for side in (CHOSEN, REJECTED)]
+    for p in params:
+        p.grad = None
+    module.shared_step(batch, "train").backward()
+    step = [p.grad.clone() for p in params]
+    predicted = []
+    for side in (CHOSEN, REJECTED):  # first order: Δ log π = −η ⟨∇ log π, ∇L⟩
+        logp = module.policy_logprobs(*(batch[k] for k in side)).logps.sum()
+        grads = torch.autograd.grad(logp, params)
+        predicted.append(-sum(float((g * s).sum()) for g, s in zip(grads, step, strict=True)))
+    rate = target_change / max(abs(v) for v in predicted)
+    with torch.no_grad():
+        for p, s in zip(params, step, strict=True):
+            p -= rate * s
+    after = [module.policy_logprobs(*(batch[k] for k in side)).logps.item() for side in (CHOSEN, REJECTED)]
+    return after[0] - before[0], after[1] - before[1]
+
+
+def test_dpo_lowers_both_log_probs_of_an_entangled_pair_and_the_normalized_step_raises_the_chosen():
+    from datamodules.base import Collator
+
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(100, 40000, (5,), generator=generator).tolist()
+    chosen = torch.randint(100, 40000, (3,), generator=generator).tolist()
+    rejected = chosen * 3  # shares every chosen token: the two gradients are strongly aligned
+    item = {"index": 0, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+    item.update(prompt="", chosen="", rejected="")
+    batch = Collator("pair", pad_id=0, max_length=64)([item])
+    changes = {}
+    for normalize in (False, True):
+        torch.manual_seed(0)
+        module = DPOModule(model="tiny-llama", beta=0.1, normalize_pair_gradients=normalize)
+        module.configure_model()
+        module.log_values = lambda *args, **kwargs: None
+        if not normalize:  # the precondition, measured independently: ‖g_w‖² < ⟨g_w,g_l⟩ < ‖g_l‖²
+            _, g_w = sequence_gradients(module, batch, 0, CHOSEN)
+            _, g_l = sequence_gradients(module, batch, 0, REJECTED)
+            assert g_w @ g_w < g_w @ g_l < g_l @ g_l
+        changes[normalize] = apply_module_step(module, batch, target_change=0.01)
+    dpo_chosen, dpo_rejected = changes[False]
+    assert dpo_chosen < 0 and dpo_rejected < 0, changes  # DPO widens the margin by lowering both
+    normalized_chosen, normalized_rejected = changes[True]
+    assert normalized_chosen > 0 and normalized_rejected < 0, changes
