@@ -242,8 +242,8 @@ def entanglement_summary(products: Mapping[str, Tensor], c_chosen: Tensor, c_rej
 
 
 def plot_entanglement(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path) -> Path:
-    """One figure: probe log-probs (chosen solid, rejected dashed), the two entanglement ratios, and the fraction of
-    pairs failing the condition, over training steps; one colour per run in ``histories``."""
+    """One figure over training steps, one colour per run in ``histories``: the change of the probe log-probs
+    (chosen solid, rejected dashed), the two entanglement ratios, and the fraction of pairs failing the condition."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,13 +254,18 @@ def plot_entanglement(histories: Mapping[str, Sequence[Mapping[str, float]]], pa
     for (label, history), colour in zip(histories.items(), colours, strict=False):
         steps = [entry["step"] for entry in history]
         column = {key: [entry[key] for entry in history] for key in history[0]}
-        axes[0].plot(steps, column["logps_chosen"], "-o", color=colour, ms=3, label=f"{label}: log π(y_w)")
-        axes[0].plot(steps, column["logps_rejected"], "--s", color=colour, ms=3, label=f"{label}: log π(y_l)")
+        for key, style, side in (("logps_chosen", "-o", "y_w"), ("logps_rejected", "--s", "y_l")):
+            change = [value - column[key][0] for value in column[key]]
+            axes[0].plot(steps, change, style, color=colour, ms=3, label=f"{label}: log π({side})")
         axes[1].plot(steps, column["ratio_chosen"], "-o", color=colour, ms=3, label=f"{label}: ⟨g_w,g_l⟩/‖g_w‖²")
         axes[1].plot(steps, column["ratio_rejected"], "--s", color=colour, ms=3, label=f"{label}: ⟨g_w,g_l⟩/‖g_l‖²")
         axes[2].plot(steps, column["condition_failed"], "-o", color=colour, ms=3, label=label)
     axes[1].axhline(1.0, color="grey", lw=0.8)
-    titles = ("probe log-probs", "entanglement ratios (DPO threshold 1)", "pairs failing the condition")
+    titles = (
+        "probe log-probs (change since the first point)",
+        "entanglement ratios (DPO threshold 1)",
+        "pairs failing the condition",
+    )
     for axis, title in zip(axes, titles, strict=True):
         axis.set_title(title)
         axis.set_xlabel("optimizer step")
