@@ -111,9 +111,12 @@ class GradientEntanglementMonitor(Callback):
             self.measure(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.history:
+        if not self.history:
             return
+        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it before the non-zero ranks leave
         directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "gradient_entanglement.json").write_text(json.dumps(self.history, indent=1))
         if self.plot:

@@ -107,8 +107,9 @@ class WeightInterpolation(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(point, step=trainer.global_step)
             rank_zero_info(f"WeightInterpolation sweep: {point}")
-        if self.sweep and trainer.is_global_zero and trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "interpolation_sweep.json"
+        log_dir = trainer.log_dir if self.sweep else None  # a collective (broadcast from rank 0): ask on every rank
+        if log_dir is not None and trainer.is_global_zero:
+            path = Path(log_dir) / "interpolation_sweep.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.results, indent=1))
         self.apply(self.alpha, trained)

@@ -50,3 +50,9 @@ def hh_dir(tmp_path_factory) -> Path:
     if (real / "helpful-base").is_dir():
         return real
     return write_hh_fixture(tmp_path_factory.mktemp("hh_rlhf"))
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Run every test in its own directory, so Lightning's default_root_dir never lands in the checkout."""
+    monkeypatch.chdir(tmp_path)

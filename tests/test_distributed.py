@@ -126,3 +126,23 @@ def test_every_callback_under_fsdp2_matches_one_process_and_resumes_from_sharded
             assert torch.equal(resumed[key], two[key]), (name, key)  # the sharded checkpoint restored everything
         sizes = json.loads((tmp_path / "2" / f"{name}-sizes-2.json").read_text())
         assert sizes["local"] == sizes["whole"] // 2, (name, sizes)  # each rank keeps only its shard of a copy
+
+
+def test_entanglement_monitor_under_ddp_and_fsdp2_matches_one_process(tmp_path, hh_dir):
+    launch("entanglement_monitor.py", 1, str(tmp_path), str(hh_dir), "single")
+    for strategy in ("ddp", "fsdp2"):
+        launch("entanglement_monitor.py", 2, str(tmp_path), str(hh_dir), strategy)
+    single = json.loads((tmp_path / "single-1.json").read_text())
+    assert [entry["step"] for entry in single] == [0, 1, 2]
+    assert single[0]["inner"] != 0.0 and single[-1]["logps_chosen"] != single[0]["logps_chosen"]
+    for strategy in ("ddp", "fsdp2"):
+        history = json.loads((tmp_path / f"{strategy}-2.json").read_text())
+        assert [entry["step"] for entry in history] == [0, 1, 2], strategy
+        for one, two in zip(single, history, strict=True):
+            # step 0: the same weights, so only summation order differs; later steps: Adam turns float noise in
+            # the 2-rank gradients into small weight differences. A shard counted once instead of summed over
+            # ranks would halve the norms.
+            tolerance = 1e-4 if one["step"] == 0 else 2e-2
+            for key in ("inner", "norm_sq_chosen", "norm_sq_rejected", "cosine", "logps_chosen", "logps_rejected"):
+                assert two[key] == pytest.approx(one[key], rel=tolerance), (strategy, one["step"], key)
+            assert two["condition_failed"] == one["condition_failed"], (strategy, one["step"])
