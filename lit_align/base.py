@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
@@ -184,8 +184,14 @@ class AlignmentModule(L.LightningModule):
         learning_rate, weight_decay, adam_betas: AdamW settings (no decay on biases and norms).
         lr_scheduler: any ``transformers.get_scheduler`` name (``cosine``, ``linear``, ``constant_with_warmup``...).
         warmup_ratio, warmup_steps: linear warm-up, as a fraction of all optimizer steps or a count (count wins).
-        gradient_checkpointing: trade compute for activation memory.
-        disable_dropout: zero every dropout in the policy (TRL's default for preference and RL training).
+        gradient_checkpointing: activation checkpointing per decoder layer (transformers' non-reentrant
+            checkpointing, which composes with FSDP2's per-layer sharding): trade compute for activation memory.
+        gather_for_generation: under FSDP2, all-gather a model's weights once per ``generate`` call and keep them
+            until it returns, instead of gathering and freeing each layer for every new token. Costs one full,
+            unsharded copy of that model's weights per rank during generation (as under DDP); set False when
+            that does not fit, and each token then pays one all-gather per layer.
+        disable_dropout: zero every dropout in the policy, LoRA's included (TRL's default for preference and RL
+            training).
         export_dir: if set, the trained policy is saved there with ``save_pretrained`` at the end of fit.
         seed: seed for ``tiny-llama`` weights.
     """
@@ -209,6 +215,7 @@ class AlignmentModule(L.LightningModule):
         warmup_ratio: float = 0.0,
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
+        gather_for_generation: bool = True,
         disable_dropout: bool = True,
         export_dir: str | None = None,
         seed: int = 0,
@@ -254,12 +261,12 @@ class AlignmentModule(L.LightningModule):
             else:
                 reference = load_causal_lm(self.hparams.reference_model, self.hparams.dtype, self.hparams.seed)
             self.reference = reference.eval().requires_grad_(False)
-        if self.hparams.disable_dropout:
+        if self.uses_lora:
+            policy = apply_lora(policy, self.hparams.lora, task_type=self.lora_task_type)
+        if self.hparams.disable_dropout:  # after LoRA, so the adapters' dropout goes too (as TRL)
             for module in policy.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-        if self.uses_lora:
-            policy = apply_lora(policy, self.hparams.lora, task_type=self.lora_task_type)
         if self.hparams.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False
@@ -328,6 +335,40 @@ class AlignmentModule(L.LightningModule):
             "log-probs, or the loss is reference-free) but a reference forward was requested"
         )
 
+    # ---- sampling -------------------------------------------------------------------------------------------------
+
+    def generate_responses(
+        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, **sampling
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`sample_responses` from ``model`` (policy, proposal...), correct under sharding.
+
+        With more than one rank ``synced_gpus`` keeps every rank calling forward until all are done (an FSDP
+        rank that stopped early would leave the others waiting in an all-gather). Under FSDP2 with
+        ``gather_for_generation`` the weights are all-gathered once for the whole call (see the argument).
+        """
+        synced = self._trainer is not None and self.trainer.world_size > 1
+        with self.gathered_weights(model) if self.hparams.gather_for_generation else nullcontext():
+            return sample_responses(model, self.tokenizer, prompt_ids, prompt_mask, synced_gpus=synced, **sampling)
+
+    @staticmethod
+    @contextmanager
+    def gathered_weights(model: nn.Module):
+        """Keep an FSDP2 model unsharded between forward calls inside the block, then reshard it (no-op unsharded)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule):
+            yield
+            return
+        model.set_reshard_after_forward(False)  # recurses: the first forward gathers each layer, later ones reuse
+        try:
+            yield
+        finally:
+            reshard(model)
+            for module in model.modules():
+                if isinstance(module, FSDPModule):
+                    # the root stays unsharded after forward (FSDP2's own default: backward needs it right away)
+                    module.set_reshard_after_forward(module is not model, recurse=False)
+
     # ---- steps: each algorithm implements ``shared_step(batch, stage)`` ----------------------------------------
 
     def shared_step(self, batch: dict, stage: str) -> Tensor:
@@ -373,6 +414,12 @@ class AlignmentModule(L.LightningModule):
         values = {name: float(metric.compute()) for name, metric in self.metrics.updated("val").items()}
         for logger in self.loggers:
             logger.log_metrics(values, step=0)
+
+    def sum_across_ranks(self, tensor: Tensor) -> Tensor:
+        """Sum a tensor over all ranks (a collective: every rank must call it); itself on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
 
     def call_callbacks(self, hook: str) -> None:
         """Call ``hook(trainer, module)`` on every trainer callback that defines it (lit-align's extra hooks)."""
@@ -462,6 +509,19 @@ class AlignmentModule(L.LightningModule):
         model.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
         rank_zero_info(f"exported the policy to {directory}")
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit in ``model`` so its parameters are the sharded DTensors again.
+
+    FSDP2 keeps the root unit unsharded after a forward without backward (e.g. a no-grad scoring pass); weight
+    arithmetic between two models (``copy_``) needs both in the same, sharded, form. No-op without FSDP2.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -15,6 +15,13 @@ approaches through the forward KL and PPO with a KL penalty through the reverse 
 Validation samples from π and logs constraint satisfaction E_π[φ] per feature (``constraints/<name>``),
 KL(π‖a) (``drift/kl_to_init``), KL(p‖π) and TVD(p, π) (importance-sampled with π as the proposal and the running
 Ẑ), Distinct-1/2/3 and Self-BLEU-3/4/5 of the batch, and Ẑ.
+
+Across ranks (DDP, FSDP2): Ẑ sums P/q and the sample count over every rank, so it is the global running mean;
+the loss is each rank's batch mean (DDP/FSDP average equal-size batches, which is the global mean); the
+proposal check averages the ranks' importance-sampled KL estimates (equal sample counts: the global estimate) so
+every rank takes the same q ← π decision; λ of a distributional target is fitted on the samples of all ranks;
+``dpg/advantage_std`` is the global std. ``dpg/grad_variance`` is per rank (a diagnostic). Diversity metrics
+are means of per-rank batch scores.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
-from lit_align.base import AlignmentModule, decode_responses, response_logprobs, sample_responses
+from lit_align.base import AlignmentModule, decode_responses, reshard, response_logprobs
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
 from lit_align.losses import dpg_loss
 from lit_align.metrics import DIVERSITY_NAMES, StageMetrics, diversity_scores
@@ -125,10 +132,9 @@ class DistributionMatchingModule(AlignmentModule):
     def sample(self, model: nn.Module, batch: dict) -> tuple[Tensor, Tensor, Tensor, int, list[str]]:
         prompt_ids, prompt_mask = batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK]
         hp = self.hparams
-        sequences, attention_mask, response_mask = sample_responses(
-            model, self.tokenizer, prompt_ids, prompt_mask,
+        sequences, attention_mask, response_mask = self.generate_responses(
+            model, prompt_ids, prompt_mask,
             max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p,
-            synced_gpus=self._trainer is not None and self.trainer.world_size > 1,
         )  # fmt: skip
         width = prompt_ids.shape[1]
         _, completions = decode_responses(self.tokenizer, sequences, width, response_mask)
@@ -169,10 +175,10 @@ class DistributionMatchingModule(AlignmentModule):
             log_target = log_a + self.target.log_score(values).to(self.device)
             log_q = self.sequence_logprobs_of(self.proposal, sequences, attention_mask, width, response_mask).double()
             weights = torch.exp(log_target - log_q)
-            self.z_sum += self.trainer.strategy.reduce(weights.sum(), reduce_op="sum")
-            self.z_count += self.trainer.strategy.reduce(
-                torch.tensor(float(len(completions)), device=self.device, dtype=torch.float64), reduce_op="sum"
-            )
+            count = torch.tensor(float(len(completions)), device=self.device, dtype=torch.float64)
+            totals = self.sum_across_ranks(torch.stack([weights.sum(), count]))  # Ẑ: a mean over every rank's samples
+            self.z_sum += totals[0]
+            self.z_count += totals[1]
         log_pi = self.sequence_logprobs_of(self.policy, sequences, attention_mask, width, response_mask)
         losses, advantage = dpg_loss(
             log_pi, log_target, log_q, self.z, self.hparams.baseline, self.hparams.clip_weights
@@ -188,7 +194,7 @@ class DistributionMatchingModule(AlignmentModule):
             "dpg/z": z.float().reshape(1),
             "dpg/weights_mean": weights.float(),
             "dpg/advantage_mean": advantage.detach().float(),
-            "dpg/advantage_std": advantage.detach().float().std(unbiased=False).reshape(1),
+            "dpg/advantage_std": self.global_std(advantage.detach()).float().reshape(1),
             "dpg/proposal_kl_to_init": (log_q - log_a).float(),
             "completions/mean_length": response_mask.sum(-1).float(),
             **{f"constraints/{name}": values[:, i].float() for i, name in enumerate(self.target.feature_names)},
@@ -204,6 +210,13 @@ class DistributionMatchingModule(AlignmentModule):
             ).reshape(1)
         self.log_values("train", stats, batch_size=len(completions))
         return loss
+
+    def global_std(self, values: Tensor) -> Tensor:
+        """Population standard deviation of ``values`` over every rank's batch (a collective)."""
+        count = torch.tensor(float(values.numel()), device=values.device, dtype=values.dtype)
+        totals = self.sum_across_ranks(torch.stack([values.sum(), values.pow(2).sum(), count]))
+        mean = totals[0] / totals[2]
+        return (totals[1] / totals[2] - mean**2).clamp_min(0).sqrt()
 
     def gradient_variance(self, sequences, attention_mask, width, response_mask, log_target, log_q) -> Tensor:
         """mean_i ‖g_i‖² − ‖mean_i g_i‖² of per-sample loss gradients (the GDC code's GradientMonitor)."""
@@ -223,9 +236,15 @@ class DistributionMatchingModule(AlignmentModule):
         mean = total / sequences.shape[0]
         return (torch.stack(squared_norms).mean() - mean.pow(2).sum()).float()
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step, before Lightning's on_train_batch_end hooks (ModelCheckpoint's among them), so a
+        # checkpoint of step N holds q after step N's check. The sample window is not checkpointed: with
+        # proposal_update_every > 1 a resumed run's first check sees only the samples drawn since the resume.
         if self.global_step % self.hparams.proposal_update_every == 0:
             self.maybe_update_proposal()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.log("dpg/proposal_updates", self.proposal_updates.float(), on_step=True, on_epoch=False)
 
     @torch.no_grad()
@@ -263,6 +282,8 @@ class DistributionMatchingModule(AlignmentModule):
 
     @torch.no_grad()
     def update_proposal(self) -> None:
+        reshard(self.policy)
+        reshard(self.proposal)
         for proposal, policy in zip(self.proposal.parameters(), self.policy.parameters(), strict=True):
             proposal.copy_(policy)
         self.proposal_updates += 1

@@ -73,7 +73,7 @@ class KTOModule(AlignmentModule):
         with torch.no_grad():
             log_ratio = self.policy_logprobs(*kl_inputs).logps - self.reference_logprobs(*kl_inputs).logps
         total = torch.stack([log_ratio.sum(), torch.tensor(float(log_ratio.numel()), device=log_ratio.device)])
-        total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        total = self.sum_across_ranks(total)
         return (total[0] / total[1]).clamp_min(0).detach()
 
     def shared_step(self, batch: dict, stage: str) -> Tensor:

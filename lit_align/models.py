@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -157,9 +157,18 @@ class LoraSettings:
     target_modules: list[str] | str = field(default="all-linear")
 
 
-def apply_lora(model: PreTrainedModel, settings: LoraSettings, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
-    """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable."""
+def apply_lora(
+    model: PreTrainedModel, settings: LoraSettings | dict, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
+    """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable. ``settings`` may be a dict of
+    :class:`LoraSettings` fields (``{"r": 8, "target_modules": ["q_proj", "v_proj"]}``)."""
     from peft import LoraConfig, get_peft_model
+
+    if isinstance(settings, dict):
+        valid = [f.name for f in fields(LoraSettings)]
+        if unknown := set(settings) - set(valid):
+            raise ValueError(f"lora: unknown settings {sorted(unknown)}; valid: {valid}")
+        settings = LoraSettings(**settings)
 
     config = LoraConfig(
         r=settings.r,

@@ -12,6 +12,12 @@ The file reads in the order of one iteration (one ``training_step`` = one rollou
 6. **update** — ``ppo_epochs`` × minibatches of the clipped surrogate (+ clipped value loss), each step through
    Lightning's optimizer so every callback's ``on_before_optimizer_step`` fires.
 
+Across ranks (DDP, FSDP2) the math is that of the global batch in one process: advantage and reward whitening
+use the mean and variance of every rank's tokens; the clipped losses are token means over the minibatch of all
+ranks (each micro-batch weighted by its share of those tokens); the adaptive KL controller sees the global mean KL,
+so β stays equal on every rank. RLOO / GRPO baselines need no reduction: a prompt's k samples live on one rank.
+Sampling differs by rank (each rank draws its own random numbers).
+
 The pure math (GAE, whitening, baselines, the KL controller) comes first; the clipped losses and KL estimators
 live in ``lit_align.losses``.
 """
@@ -19,6 +25,7 @@ live in ``lit_align.losses``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -32,7 +39,6 @@ from lit_align.base import (
     decode_responses,
     position_ids,
     response_logprobs,
-    sample_responses,
     token_logprobs,
 )
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean
@@ -40,27 +46,53 @@ from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics, diversi
 from lit_align.models import load_causal_lm
 from lit_align.rewards import RewardFunction
 
+SumAcrossRanks = Callable[[Tensor], Tensor]
 
-def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance over the masked entries (Bessel-corrected by default, as TRL's ``masked_var``)."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+
+def masked_mean_var(
+    values: Tensor, mask: Tensor, unbiased: bool = True, sum_across_ranks: SumAcrossRanks | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance over the masked entries (Bessel-corrected by default, as TRL's ``masked_var``).
+
+    ``sum_across_ranks`` (e.g. ``AlignmentModule.sum_across_ranks``) makes both statistics those of the masked
+    entries of *all* ranks, so whitening under DDP/FSDP equals whitening the global batch in one process (TRL
+    whitens each rank's batch on its own)."""
+    total = _identity if sum_across_ranks is None else sum_across_ranks
+    mask = mask.to(values.dtype)
+    sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
+    mean, count = sums[0] / sums[1].clamp_min(1), sums[1]
+    variance = total(((values - mean) ** 2 * mask).sum()) / count.clamp_min(1)
     if unbiased:
-        count = mask.sum()
         if count < 2:
             raise ValueError("an unbiased masked variance needs at least 2 unmasked entries")
         variance = variance * count / (count - 1)
-    return variance
+    return mean, variance
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x − mean) / sqrt(var + eps)`` over masked entries; ``shift_mean=False`` adds the mean back (reward
-    whitening keeps the reward's sign on average). Entries outside the mask are returned as 0."""
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance over the masked entries of one tensor (see :func:`masked_mean_var`)."""
+    return masked_mean_var(values, mask, unbiased)[1]
+
+
+def masked_whiten(
+    values: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    sum_across_ranks: SumAcrossRanks | None = None,
+) -> Tensor:
+    """``(x − mean) / sqrt(var + eps)`` over masked entries (of all ranks with ``sum_across_ranks``);
+    ``shift_mean=False`` adds the mean back (reward whitening keeps the reward's sign on average). Entries outside
+    the mask are returned as 0."""
+    mean, variance = masked_mean_var(values, mask, sum_across_ranks=sum_across_ranks)
     whitened = (values - mean) * torch.rsqrt(variance + eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -305,11 +337,16 @@ class PPOModule(AlignmentModule):
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Sample responses from the policy; (sequences, attention mask, response mask up to and including EOS)."""
         hp = self.hparams
-        return sample_responses(
-            self.policy, self.tokenizer, prompt_ids, prompt_mask,
-            max_new_tokens=hp.max_new_tokens, min_new_tokens=hp.min_new_tokens, temperature=hp.temperature,
-            top_k=hp.top_k, top_p=hp.top_p, synced_gpus=self._trainer is not None and self.trainer.world_size > 1,
-        )  # fmt: skip
+        return self.generate_responses(
+            self.policy,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=hp.max_new_tokens,
+            min_new_tokens=hp.min_new_tokens,
+            temperature=hp.temperature,
+            top_k=hp.top_k,
+            top_p=hp.top_p,
+        )
 
     def decode(self, sequences: Tensor, prompt_width: int, response_mask: Tensor) -> tuple[list[str], list[str]]:
         return decode_responses(self.tokenizer, sequences, prompt_width, response_mask)
@@ -352,7 +389,7 @@ class PPOModule(AlignmentModule):
             last = response_mask.sum(-1).long().clamp_min(1) - 1
             rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
             if self.hparams.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
+                rewards = masked_whiten(rewards, mask, shift_mean=False, sum_across_ranks=self.sum_across_ranks)
             advantages, returns = gae(rewards, values, mask, self.hparams.gamma, self.hparams.lam)
         else:
             sequence_reward = scores - self.kl_coef * sequence_kl
@@ -360,7 +397,7 @@ class PPOModule(AlignmentModule):
             advantages = baseline(sequence_reward, k)[:, None] * mask
             returns = None
         if self.hparams.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, sum_across_ranks=self.sum_across_ranks)
 
         rollout = Rollout(
             sequences, attention_mask, width, response_mask, logprobs, ref_logprobs, values, advantages, returns
@@ -387,12 +424,17 @@ class PPOModule(AlignmentModule):
         minibatch = max(1, size // self.hparams.num_mini_batches)
         micro = max(1, minibatch // self.hparams.gradient_accumulation_steps)
         history: dict[str, list[Tensor]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl", "ratio")}
+        tokens = rollout.response_mask.to(rollout.logprobs.dtype)
         for _ in range(self.hparams.ppo_epochs):
             order = torch.randperm(size, device=rollout.sequences.device)
             for minibatch_rows in order.split(minibatch):
+                # The losses are token means over the minibatch of all ranks: each micro-batch's mean is weighted
+                # by its share of those tokens, times the world size because DDP/FSDP average gradients over ranks.
+                minibatch_tokens = self.sum_across_ranks(tokens[minibatch_rows].sum()).clamp_min(1)
+                tokens_per_rank = minibatch_tokens / self.trainer.world_size
                 for rows in minibatch_rows.split(micro):
                     losses = self.ppo_loss(rollout, rows)
-                    self.manual_backward(losses["loss"] * rows.numel() / minibatch_rows.numel())
+                    self.manual_backward(losses["loss"] * tokens[rows].sum() / tokens_per_rank)
                     for key in history:
                         history[key].append(losses[key].detach())
                 if self.hparams.max_grad_norm is not None:
@@ -442,8 +484,10 @@ class PPOModule(AlignmentModule):
         started = time.perf_counter()
         stats.update(self.ppo_update(rollout))
         stats["time/update"] = torch.tensor([time.perf_counter() - started])
-        if self.kl_controller is not None:
-            self.kl_controller.update(float(stats["objective/kl"].mean()), rollout.sequences.shape[0])
+        if self.kl_controller is not None:  # on the global batch, so β stays the same on every rank
+            kl = stats["objective/kl"]
+            totals = self.sum_across_ranks(torch.stack([kl.sum(), torch.tensor(float(kl.numel()), device=kl.device)]))
+            self.kl_controller.update(float(totals[0] / totals[1]), int(totals[1]))
         stats["objective/kl_coef"] = torch.tensor([self.kl_coef])
         if not torch.isfinite(stats["loss/policy_avg"]).all():
             raise FloatingPointError(

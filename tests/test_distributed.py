@@ -1,4 +1,7 @@
-"""Multi-process runs (gloo on CPU): metrics under DDP equal the single-process values on the same data."""
+"""Multi-process runs (gloo on CPU): DDP and FSDP2 give what one process gives on the same global batch.
+
+Marked ``distributed`` (part of the default run and of CI; ``-m "not distributed"`` skips them locally).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from lit_align.models import load_tokenizer, tiny_llama
 
 SCRIPTS = Path(__file__).parent / "scripts"
+pytestmark = pytest.mark.distributed
 
 
 def save_tiny(directory: Path, seed: int) -> str:
@@ -146,3 +150,87 @@ def test_entanglement_monitor_under_ddp_and_fsdp2_matches_one_process(tmp_path, 
             for key in ("inner", "norm_sq_chosen", "norm_sq_rejected", "cosine", "logps_chosen", "logps_rejected"):
                 assert two[key] == pytest.approx(one[key], rel=tolerance), (strategy, one["step"], key)
             assert two["condition_failed"] == one["condition_failed"], (strategy, one["step"])
+
+
+MODULES = ("dpo", "kto", "ppo", "rloo", "dm")
+
+
+def write_one_prompt_pairs(directory: Path) -> Path:
+    """Four HH-format pairs sharing one prompt (so KTO's in-batch KL pairs do not depend on the rank split)."""
+    prompt = "\n\nHuman: Tell me about your day.\n\nAssistant:"
+    good = ["It was lovely, thanks for asking.", "Great! I read a good book.", "Wonderful, sunny and calm.",
+            "Happy and productive, thank you."]  # fmt: skip
+    bad = ["Awful. Leave me alone.", "Terrible, everything broke.", "Bad, I hate it.", "Horrible and sad."]
+    (directory / "helpful-base").mkdir(parents=True)
+    with open(directory / "helpful-base" / "test.jsonl", "w") as handle:
+        for chosen, rejected in zip(good, bad, strict=True):
+            handle.write(json.dumps({"chosen": f"{prompt} {chosen}", "rejected": f"{prompt} {rejected}"}) + "\n")
+    return directory
+
+
+def max_differences(out: Path, one: str, two: str) -> tuple[float, float]:
+    """Largest absolute difference of the synced epoch metrics, and of the final weights, between two runs."""
+    metrics_one, metrics_two = (json.loads((out / f"{tag}.json").read_text()) for tag in (one, two))
+    names = [name for name in metrics_one if name.endswith("_epoch")]
+    assert names and set(names) <= set(metrics_two), (one, two)
+    weights_one, weights_two = torch.load(out / f"{one}.pt"), torch.load(out / f"{two}.pt")
+    assert weights_one.keys() == weights_two.keys(), (one, two)
+    metric_gap = max(abs(metrics_two[name] - metrics_one[name]) for name in names)
+    weight_gap = max(float((weights_two[k].float() - weights_one[k].float()).abs().max()) for k in weights_one)
+    return metric_gap, weight_gap
+
+
+def test_every_module_under_ddp_and_fsdp2_matches_one_process_and_resumes(tmp_path):
+    data = write_one_prompt_pairs(tmp_path / "data")
+    launch("scale_modules.py", 1, str(tmp_path), str(data), "single")
+    for strategy in ("ddp", "fsdp2"):
+        launch("scale_modules.py", 2, str(tmp_path), str(data), strategy)
+    base, report = tiny_llama(0).state_dict(), []
+    for name in MODULES:
+        single = torch.load(tmp_path / f"{name}-single-1.pt")
+        moved = max(float((single[f"policy.{key}"] - value).abs().max()) for key, value in base.items())
+        assert moved > 5e-4, f"{name}: two steps at lr 1e-3 did not move the policy ({moved})"
+        metrics = json.loads((tmp_path / f"{name}-single-1.json").read_text())
+        assert any(abs(v) > 1e-3 for k, v in metrics.items() if k.endswith("_epoch")), name  # real numbers
+        for strategy in ("ddp", "fsdp2"):
+            metric_gap, weight_gap = max_differences(tmp_path, f"{name}-single-1", f"{name}-{strategy}-2")
+            report.append(f"{name} {strategy}: metrics {metric_gap:.1e}, weights {weight_gap:.1e}")
+            # one optimizer step moves weights by ~lr = 1e-3; float noise in gradients summed in another order
+            # stays orders of magnitude below that (measured: <= 1e-5)
+            assert metric_gap < 1e-4 and weight_gap < 1e-4, report[-1]
+        resumed = torch.load(tmp_path / f"{name}-fsdp2-2-resumed.pt")
+        continuous = torch.load(tmp_path / f"{name}-fsdp2-2.pt")
+        gap = max(float((resumed[k].float() - continuous[k].float()).abs().max()) for k in continuous)
+        assert gap < 1e-6, f"{name}: resumed from the sharded checkpoint of step 1 differs by {gap}"
+    print("\n".join(report))
+
+
+def test_lora_with_every_module_under_ddp_matches_one_process(tmp_path):
+    data = write_one_prompt_pairs(tmp_path / "data")
+    launch("scale_modules.py", 1, str(tmp_path), str(data), "single", "lora")
+    launch("scale_modules.py", 2, str(tmp_path), str(data), "ddp", "lora")
+    base = tiny_llama(0).state_dict()
+    for name in MODULES:
+        metric_gap, weight_gap = max_differences(tmp_path, f"{name}-single-lora-1", f"{name}-ddp-lora-2")
+        assert metric_gap < 1e-4 and weight_gap < 1e-4, (name, metric_gap, weight_gap)
+        weights = torch.load(tmp_path / f"{name}-ddp-lora-2.pt")
+        assert not any(key.startswith("reference.") for key in weights), name  # the reference = adapters off
+        adapters = [key for key in weights if "lora_B" in key and key.startswith("policy.")]
+        assert adapters and all(weights[key].abs().max() > 0 for key in adapters), name  # B starts at 0: trained
+        frozen = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in weights.items()
+                  if k.startswith("policy.") and "lora_" not in k}  # fmt: skip
+        for key, value in base.items():
+            torch.testing.assert_close(frozen[f"policy.{key}"], value, rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_sharded_generation_matches_one_process_and_gathers_once_per_call(tmp_path):
+    launch("sharded_generation.py", 1, str(tmp_path))
+    launch("sharded_generation.py", 2, str(tmp_path))
+    one = json.loads((tmp_path / "generation-1.json").read_text())
+    two = json.loads((tmp_path / "generation-2.json").read_text())
+    assert two["sharded"] and not one["sharded"] and two["fsdp_units"] >= 3
+    assert two["True"]["sequences"] == one["True"]["sequences"]
+    assert two["False"]["sequences"] == one["True"]["sequences"]
+    assert two["True"]["response_tokens"] == 16  # 2 prompts × 8 new tokens
+    assert two["True"]["all_gathers"] == two["fsdp_units"]  # each unit gathered once for the whole call
+    assert two["False"]["all_gathers"] > 8  # otherwise the layers are gathered again for every token
