@@ -157,9 +157,7 @@ class LoraSettings:
     target_modules: list[str] | str = field(default="all-linear")
 
 
-def apply_lora(
-    model: PreTrainedModel, settings: LoraSettings | dict, task_type: str = "CAUSAL_LM"
-) -> PreTrainedModel:
+def apply_lora(model: PreTrainedModel, settings: LoraSettings | dict, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable. ``settings`` may be a dict of
     :class:`LoraSettings` fields (``{"r": 8, "target_modules": ["q_proj", "v_proj"]}``)."""
     from peft import LoraConfig, get_peft_model

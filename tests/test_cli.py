@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*/*.yaml"))
+CONFIGS = sorted(c for c in (REPO / "configs").glob("*/*.yaml") if c.parent.name != "strategies")
+STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
 
 
 def lit_align(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -66,6 +67,51 @@ def test_every_shipped_config_parses(tmp_path, config):
     parsed = yaml.safe_load(result.stdout)
     assert parsed["model"]["class_path"].startswith("lit_align.")
     assert parsed["data"]["class_path"].startswith("datamodules.")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=[c.stem for c in STRATEGIES])
+def test_strategy_configs_stack_onto_a_benchmark_config(tmp_path, strategy):
+    benchmark = REPO / "configs/hh/dpo.yaml"
+    result = lit_align("fit", "--config", str(benchmark), "--config", str(strategy), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parsed = yaml.safe_load(result.stdout)
+    expected = yaml.safe_load(strategy.read_text())["trainer"]
+    assert parsed["trainer"]["strategy"]["class_path"] == expected["strategy"]["class_path"]
+    assert parsed["trainer"]["precision"] == "bf16-mixed"
+    assert parsed["model"] == yaml.safe_load(lit_align("fit", "--config", str(benchmark), "--print_config",
+                                                       cwd=tmp_path).stdout)["model"]  # fmt: skip
+
+
+def test_fsdp1_config_wraps_exactly_the_decoder_layers(tmp_path, monkeypatch):
+    """configs/strategies/fsdp.yaml's auto_wrap_policy, instantiated as the CLI does, under real FSDP1 (1 process)."""
+    import torch
+    import torch.distributed as dist
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lit_align import DPOModule
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    config = yaml.safe_load((REPO / "configs/strategies/fsdp.yaml").read_text())["trainer"]["strategy"]
+    strategy = parser.instantiate_classes(parser.parse_object({"strategy": config})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    module = DPOModule(model="tiny-llama")
+    module.configure_model()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29591")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        # the keyword arguments Lightning's FSDPStrategy passes (auto_wrap_policy, use_orig_params=True)
+        wrapped = FullyShardedDataParallel(module, device_id=torch.device("cpu"), **strategy.kwargs)
+        units = [type(m.module).__name__ for m in wrapped.modules() if isinstance(m, FullyShardedDataParallel)]
+    finally:
+        dist.destroy_process_group()
+    assert policy.layer_classes == {"LlamaDecoderLayer"}  # found in the model's _no_split_modules
+    # the root, then the 2 layers of the policy and the 2 of the frozen reference
+    assert units == ["DPOModule"] + ["LlamaDecoderLayer"] * 4
 
 
 def test_unknown_option_is_a_clear_error(tmp_path):

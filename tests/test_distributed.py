@@ -17,6 +17,7 @@ import torch
 from lit_align.models import load_tokenizer, tiny_llama
 
 SCRIPTS = Path(__file__).parent / "scripts"
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
 
 
@@ -234,3 +235,52 @@ def test_sharded_generation_matches_one_process_and_gathers_once_per_call(tmp_pa
     assert two["True"]["response_tokens"] == 16  # 2 prompts × 8 new tokens
     assert two["True"]["all_gathers"] == two["fsdp_units"]  # each unit gathered once for the whole call
     assert two["False"]["all_gathers"] > 8  # otherwise the layers are gathered again for every token
+
+
+def cli_fit(tmp_path: Path, hh_dir: Path, name: str, *extra: str) -> Path:
+    """`lit-align fit` on configs/hh/dpo.yaml + a strategy config, 2 CPU processes that Lightning launches itself."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / name
+    command = [
+        "lit-align", "fit", "--config", str(REPO / "configs/hh/dpo.yaml"), *extra,
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "2",
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(out), "--trainer.default_root_dir", str(out),
+        "--model.init_args.model", "tiny-llama", "--model.init_args.export_dir", str(out / "export"),
+        "--data.init_args.data_path", str(hh_dir), "--data.init_args.train_split", "test",
+        "--data.init_args.val_split", "null", "--data.init_args.holdout", "8", "--data.init_args.limit_train", "8",
+        "--data.init_args.batch_size", "2", "--data.init_args.max_length", "48",
+        "--data.init_args.max_prompt_length", "32",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def last_eval(out: Path) -> dict[str, float]:
+    import csv
+
+    rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+    return {k: float(v) for row in rows for k, v in row.items() if k.startswith("eval_") and v}
+
+
+def test_strategy_configs_train_from_the_cli_with_bf16_mixed_and_export(tmp_path, hh_dir):
+    """configs/strategies/{ddp,fsdp2}.yaml stacked onto a benchmark config, as the README shows, with their
+    bf16-mixed precision (CPU autocast here); FSDP2 with and without activation checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    ddp = cli_fit(tmp_path, hh_dir, "ddp", "--config", str(REPO / "configs/strategies/ddp.yaml"),
+                  "--trainer.strategy.init_args.process_group_backend", "gloo")  # fmt: skip
+    fsdp2_config = ("--config", str(REPO / "configs/strategies/fsdp2.yaml"))
+    fsdp2 = cli_fit(tmp_path, hh_dir, "fsdp2", *fsdp2_config)
+    checkpointing = ("--model.init_args.gradient_checkpointing", "true")
+    checkpointed = cli_fit(tmp_path, hh_dir, "fsdp2_gc", *fsdp2_config, *checkpointing)
+    results = {name: last_eval(out) for name, out in (("ddp", ddp), ("fsdp2", fsdp2), ("gc", checkpointed))}
+    assert results["ddp"]["eval_rewards/margins"] != 0.0  # two steps moved the policy away from the reference
+    for name in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
+        # bf16 autocast: DDP and FSDP2 differ in reduction order only, checkpointing recomputes the same forward
+        assert results["fsdp2"][name] == pytest.approx(results["ddp"][name], rel=2e-2, abs=2e-3), name
+        assert results["gc"][name] == pytest.approx(results["fsdp2"][name], rel=1e-5, abs=1e-6), name
+    assert next(fsdp2.rglob("*.ckpt")).is_dir()  # FSDP2 checkpoints are sharded: one directory, a file per rank
+    exported = AutoModelForCausalLM.from_pretrained(fsdp2 / "export")  # one consolidated HF directory
+    assert exported.config.num_hidden_layers == 2

@@ -1,0 +1,73 @@
+"""Strategy pieces for running on many devices with Lightning's own strategies (no home-made distribution).
+
+* :class:`FSDP2Strategy` — Lightning's ``ModelParallelStrategy`` with every process in one data-parallel (FSDP2)
+  group, so a config need not know the device count; ``AlignmentModule.configure_model`` does the sharding.
+* :class:`DecoderLayerWrapPolicy` — an FSDP1 ``auto_wrap_policy`` (Lightning's ``FSDPStrategy``) that gives each
+  decoder layer its own FSDP unit.
+
+Configs: ``configs/strategies/{ddp,fsdp,fsdp2}.yaml``, stacked onto any benchmark config.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over all ``num_nodes × devices`` processes (``data_parallel_size`` = world size, no tensor parallel).
+
+    ``ModelParallelStrategy(data_parallel_size="auto")`` means one data-parallel replica per *node*; this sets it
+    to the world size when the processes are known, which is plain FSDP.
+
+    Args:
+        save_distributed_checkpoint: sharded checkpoints (a directory, one file per rank) instead of one full file.
+        process_group_backend: ``None`` picks nccl on GPU and gloo on CPU.
+        timeout: collective timeout.
+    """
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+class DecoderLayerWrapPolicy:
+    """FSDP1 ``auto_wrap_policy`` that wraps each decoder layer in its own FSDP unit (the rest goes to the root).
+
+    ``layer_classes`` are class *names* (``["LlamaDecoderLayer"]``), so a YAML config can name them without
+    importing; ``None`` wraps every class that a transformers model inside the wrapped root lists in
+    ``_no_split_modules`` (its decoder layer), found on the first call, which FSDP makes with the root. Used as
+    ``FSDPStrategy(auto_wrap_policy=DecoderLayerWrapPolicy())`` (``configs/strategies/fsdp.yaml``).
+    """
+
+    def __init__(self, layer_classes: list[str] | None = None) -> None:
+        self.layer_classes = set(layer_classes or [])
+
+    def __call__(self, module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if recurse:
+            if not self.layer_classes:
+                self.layers_of(module)
+            return True  # keep descending: the decision is per module
+        return type(module).__name__ in self.layer_classes
+
+    def layers_of(self, root: torch.nn.Module) -> set[str]:
+        """The decoder layer class names of every transformers model inside ``root`` (also remembered)."""
+        for module in root.modules():
+            self.layer_classes.update(getattr(module, "_no_split_modules", None) or [])
+        return self.layer_classes
