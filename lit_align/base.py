@@ -181,7 +181,7 @@ class AlignmentModule(L.LightningModule):
         tokenizer: tokenizer source (default: the model's).
         lora: LoRA settings (peft); None trains all weights.
         dtype: parameter dtype of the loaded models (``float32``, ``bfloat16``; use bf16 only on hardware for it).
-        learning_rate, weight_decay, adam_betas: AdamW settings (no decay on biases and norms).
+        learning_rate, weight_decay, adam_betas, adam_epsilon: AdamW settings (no decay on biases and norms).
         lr_scheduler: any ``transformers.get_scheduler`` name (``cosine``, ``linear``, ``constant_with_warmup``...).
         warmup_ratio, warmup_steps: linear warm-up, as a fraction of all optimizer steps or a count (count wins).
         gradient_checkpointing: activation checkpointing per decoder layer (transformers' non-reentrant
@@ -211,6 +211,7 @@ class AlignmentModule(L.LightningModule):
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_epsilon: float = 1e-8,
         lr_scheduler: str = "cosine",
         warmup_ratio: float = 0.0,
         warmup_steps: int = 0,
@@ -474,6 +475,7 @@ class AlignmentModule(L.LightningModule):
             [g for g in groups if g["params"]],
             lr=self.hparams.learning_rate,
             betas=tuple(self.hparams.adam_betas),
+            eps=self.hparams.adam_epsilon,
         )
         total = self.total_optimizer_steps()
         warmup = self.hparams.warmup_steps or math.ceil(self.hparams.warmup_ratio * total)

@@ -16,11 +16,22 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from datamodules import HHDataModule
 from lit_align import DPOModule
 
+# Adam's first steps are ≈ lr·sign(g): where |g| is near eps, float noise from summing gradients in another order
+# (2 ranks vs 1) flips whole updates. A larger eps bounds that amplification (lr/eps per unit of gradient noise),
+# so weights can be compared tightly; the default 1e-8 made this comparison flaky across CPUs.
+ADAM_EPSILON = 1e-4
+
 if __name__ == "__main__":
     devices, out, hh_dir, export_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     devices = int(devices)
     torch.manual_seed(0)
-    module = DPOModule(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant", export_dir=export_dir)
+    module = DPOModule(
+        model="tiny-llama",
+        learning_rate=1e-3,
+        lr_scheduler="constant",
+        export_dir=export_dir,
+        adam_epsilon=ADAM_EPSILON,
+    )
     data = HHDataModule(
         data_path=hh_dir,
         subsets=["helpful-base"],

@@ -32,6 +32,11 @@ from lit_align import DistributionMatchingModule, DPOModule, KTOModule, PPOModul
 from lit_align.ebm import KLControlTarget
 from lit_align.rewards import LexiconSentimentReward
 
+# Adam's first steps are ≈ lr·sign(g): where |g| is near eps, float noise from summing gradients in another order
+# (2 ranks vs 1) flips whole updates. A larger eps bounds that amplification (lr/eps per unit of gradient noise),
+# so weights can be compared tightly; the default 1e-8 made this comparison flaky across CPUs.
+ADAM_EPSILON = 1e-4
+
 PAIRS = 4  # rows of the data file; one epoch = one global batch
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))  # read once: a finished fit may rewrite the environment
 
@@ -70,7 +75,7 @@ class SeededDistributionMatching(RowSeededSampling, DistributionMatchingModule):
 
 def make_module(name: str, lora: bool) -> tuple[L.LightningModule, str, int]:
     """The module, the DataModule's mode and the rows one epoch (= one global batch) has in that mode."""
-    common = dict(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant")
+    common = dict(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant", adam_epsilon=ADAM_EPSILON)
     if lora:
         common["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     sampling = dict(max_new_tokens=6, drift_texts=0)
