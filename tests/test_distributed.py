@@ -169,16 +169,35 @@ def write_one_prompt_pairs(directory: Path) -> Path:
     return directory
 
 
+def relative_update_error(final_one: dict, final_two: dict, initial: dict, prefix: str = "") -> float:
+    """‖Δ₂ − Δ₁‖ / ‖Δ₁‖ for the weight updates Δ = final − initial of two runs (over ``initial``'s keys).
+
+    Not an elementwise comparison: Adam's first steps are ≈ lr·sign(g), so where |g| is tiny, float noise from
+    summing gradients in another order (2 ranks vs 1) can flip single elements by ~lr. That moves this ratio by
+    ~1e-6; a sharding or reduction mistake (a shard not updated, gradients summed instead of averaged) moves it by
+    ~1."""
+    difference = sum(float((final_two[prefix + k] - final_one[prefix + k]).double().pow(2).sum()) for k in initial)
+    update = sum(float((final_one[prefix + k] - v).double().pow(2).sum()) for k, v in initial.items())
+    return (difference / update) ** 0.5
+
+
 def max_differences(out: Path, one: str, two: str) -> tuple[float, float]:
-    """Largest absolute difference of the synced epoch metrics, and of the final weights, between two runs."""
+    """Largest difference of the synced epoch metrics (relative to max(1, |value|)) between two runs, and the
+    relative difference of their policy updates from the initial tiny-llama weights."""
     metrics_one, metrics_two = (json.loads((out / f"{tag}.json").read_text()) for tag in (one, two))
     names = [name for name in metrics_one if name.endswith("_epoch")]
     assert names and set(names) <= set(metrics_two), (one, two)
     weights_one, weights_two = torch.load(out / f"{one}.pt"), torch.load(out / f"{two}.pt")
     assert weights_one.keys() == weights_two.keys(), (one, two)
-    metric_gap = max(abs(metrics_two[name] - metrics_one[name]) for name in names)
-    weight_gap = max(float((weights_two[k].float() - weights_one[k].float()).abs().max()) for k in weights_one)
-    return metric_gap, weight_gap
+    metric_gap = max(abs(metrics_two[n] - metrics_one[n]) / max(1.0, abs(metrics_one[n])) for n in names)
+    trained = {k: v for k, v in weights_one.items() if k.startswith("policy.") and "lora_" not in k}
+    if len(trained) < len([k for k in weights_one if k.startswith("policy.")]):  # LoRA: the adapters are trained
+        trained = {k: v for k, v in weights_one.items() if k.startswith("policy.") and "lora_" in k}
+        initial = {k: torch.zeros_like(v) if "lora_B" in k else None for k, v in trained.items()}
+        initial = {k: v for k, v in initial.items() if v is not None}  # B starts at 0: its update is itself
+        return metric_gap, relative_update_error(weights_one, weights_two, initial)
+    base = {f"policy.{k}": v for k, v in tiny_llama(0).state_dict().items()}
+    return metric_gap, relative_update_error(weights_one, weights_two, base)
 
 
 def test_every_module_under_ddp_and_fsdp2_matches_one_process_and_resumes(tmp_path):
@@ -195,10 +214,9 @@ def test_every_module_under_ddp_and_fsdp2_matches_one_process_and_resumes(tmp_pa
         assert any(abs(v) > 1e-3 for k, v in metrics.items() if k.endswith("_epoch")), name  # real numbers
         for strategy in ("ddp", "fsdp2"):
             metric_gap, weight_gap = max_differences(tmp_path, f"{name}-single-1", f"{name}-{strategy}-2")
-            report.append(f"{name} {strategy}: metrics {metric_gap:.1e}, weights {weight_gap:.1e}")
-            # one optimizer step moves weights by ~lr = 1e-3; float noise in gradients summed in another order
-            # stays orders of magnitude below that (measured: <= 1e-5)
-            assert metric_gap < 1e-4 and weight_gap < 1e-4, report[-1]
+            report.append(f"{name} {strategy}: metrics {metric_gap:.1e}, weight update {weight_gap:.1e} (relative)")
+            # measured <= 1e-5 (float order); a reduction mistake gives ~1
+            assert metric_gap < 1e-3 and weight_gap < 1e-3, report[-1]
         resumed = torch.load(tmp_path / f"{name}-fsdp2-2-resumed.pt")
         continuous = torch.load(tmp_path / f"{name}-fsdp2-2.pt")
         gap = max(float((resumed[k].float() - continuous[k].float()).abs().max()) for k in continuous)
@@ -213,7 +231,7 @@ def test_lora_with_every_module_under_ddp_matches_one_process(tmp_path):
     base = tiny_llama(0).state_dict()
     for name in MODULES:
         metric_gap, weight_gap = max_differences(tmp_path, f"{name}-single-lora-1", f"{name}-ddp-lora-2")
-        assert metric_gap < 1e-4 and weight_gap < 1e-4, (name, metric_gap, weight_gap)
+        assert metric_gap < 1e-3 and weight_gap < 1e-3, (name, metric_gap, weight_gap)
         weights = torch.load(tmp_path / f"{name}-ddp-lora-2.pt")
         assert not any(key.startswith("reference.") for key in weights), name  # the reference = adapters off
         adapters = [key for key in weights if "lora_B" in key and key.startswith("policy.")]

@@ -8,18 +8,15 @@ process group serves all runs. The global batch is the same on 1 and 2 processes
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
-import lightning as L
 import torch
+from common import RANK_ZERO, WORLD_SIZE, hh_pairs, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from callbacks import ElasticReset, OnlineMerging, ReferenceSoup, ReferenceSync, WeightInterpolation
-from datamodules import HHDataModule
 from lit_align import DPOModule
 
 
@@ -33,36 +30,11 @@ def make_callbacks(base_dir: str, soup_a: str, soup_b: str) -> dict:
     }
 
 
-def run(devices: int, hh_dir: str, callbacks: list, max_steps: int, ckpt_path: str | None = None) -> DPOModule:
+def run(hh_dir: str, callbacks: list, max_steps: int, ckpt_path: str | None = None) -> DPOModule:
     torch.manual_seed(0)
     module = DPOModule(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant")
-    data = HHDataModule(
-        data_path=hh_dir,
-        subsets=["helpful-base"],
-        train_split="test",
-        val_split=None,
-        holdout=4,
-        limit_train=8,
-        batch_size=4 // devices,
-        max_length=40,
-        max_prompt_length=24,
-        shuffle=False,
-    )
-    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer = quiet_trainer("fsdp2", max_steps, callbacks)
+    trainer.fit(module, datamodule=hh_pairs(hh_dir), ckpt_path=ckpt_path)
     return module
 
 
@@ -94,16 +66,16 @@ def store_sizes(module: DPOModule) -> dict[str, int]:
 
 if __name__ == "__main__":
     out_dir, hh_dir, base_dir, soup_a, soup_b = sys.argv[1:6]
-    devices = int(os.environ.get("WORLD_SIZE", "1"))
+    devices = WORLD_SIZE
     out = Path(out_dir)
     for name, make in make_callbacks(base_dir, soup_a, soup_b).items():
-        module = run(devices, hh_dir, [make()], max_steps=4)
+        module = run(hh_dir, [make()], max_steps=4)
         state, sizes = full_state(module), store_sizes(module)
         checkpoints = ModelCheckpoint(dirpath=out / f"{name}-ckpt-{devices}", every_n_train_steps=2, save_top_k=-1)
-        run(devices, hh_dir, [make(), checkpoints], max_steps=2)
-        resumed = run(devices, hh_dir, [make()], 4, str(out / f"{name}-ckpt-{devices}" / "epoch=0-step=2.ckpt"))
+        run(hh_dir, [make(), checkpoints], max_steps=2)
+        resumed = run(hh_dir, [make()], 4, str(out / f"{name}-ckpt-{devices}" / "epoch=0-step=2.ckpt"))
         resumed_state = full_state(resumed)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if RANK_ZERO:
             torch.save(state, out / f"{name}-full-{devices}.pt")
             torch.save(resumed_state, out / f"{name}-resumed-{devices}.pt")
             (out / f"{name}-sizes-{devices}.json").write_text(json.dumps(sizes))

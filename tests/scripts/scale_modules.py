@@ -16,29 +16,21 @@ comparison tests the distributed training math. Sharded generation itself goes t
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+from common import RANK_ZERO, WORLD_SIZE, hh_pairs, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from datamodules import HHDataModule
 from lit_align import DistributionMatchingModule, DPOModule, KTOModule, PPOModule
 from lit_align.ebm import KLControlTarget
 from lit_align.rewards import LexiconSentimentReward
 
-# Adam's first steps are ≈ lr·sign(g): where |g| is near eps, float noise from summing gradients in another order
-# (2 ranks vs 1) flips whole updates. A larger eps bounds that amplification (lr/eps per unit of gradient noise),
-# so weights can be compared tightly; the default 1e-8 made this comparison flaky across CPUs.
-ADAM_EPSILON = 1e-4
-
 PAIRS = 4  # rows of the data file; one epoch = one global batch
-WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))  # read once: a finished fit may rewrite the environment
 
 
 class RowSeededSampling:
@@ -75,7 +67,7 @@ class SeededDistributionMatching(RowSeededSampling, DistributionMatchingModule):
 
 def make_module(name: str, lora: bool) -> tuple[L.LightningModule, str, int]:
     """The module, the DataModule's mode and the rows one epoch (= one global batch) has in that mode."""
-    common = dict(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant", adam_epsilon=ADAM_EPSILON)
+    common = dict(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant")
     if lora:
         common["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     sampling = dict(max_new_tokens=6, drift_texts=0)
@@ -97,37 +89,9 @@ def make_module(name: str, lora: bool) -> tuple[L.LightningModule, str, int]:
 
 def run(name: str, strategy: str, data_dir: str, lora: bool, max_steps: int, callbacks=(), ckpt_path=None):
     L.seed_everything(0)
-    devices = WORLD_SIZE
     module, mode, rows = make_module(name, lora)
-    data = HHDataModule(
-        data_path=data_dir,
-        subsets=["helpful-base"],
-        train_split="test",
-        val_split=None,
-        batch_size=rows // devices,
-        max_length=40,
-        max_prompt_length=24,
-        shuffle=False,
-        mode=mode,
-    )
-    strategies = {
-        "single": lambda: "auto",
-        "ddp": lambda: DDPStrategy(process_group_backend="gloo"),
-        "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
-    }
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategies[strategy](),
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=bool(callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-    )
+    data = hh_pairs(data_dir, global_batch=rows, holdout=0, limit_train=None, max_length=40, mode=mode)
+    trainer = quiet_trainer(strategy, max_steps, callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     assert len(data.train_dataloader().dataset) == rows, (name, len(data.train_dataloader().dataset))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/")}
@@ -143,22 +107,20 @@ def full_state(module: L.LightningModule) -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     out_dir, data_dir, strategy = sys.argv[1:4]
     lora = "lora" in sys.argv[4:]
-    devices = WORLD_SIZE
-    rank_zero = int(os.environ.get("RANK", "0")) == 0
     out = Path(out_dir)
     for name in ("dpo", "kto", "ppo", "rloo", "dm"):
-        tag = f"{name}-{strategy}{'-lora' if lora else ''}-{devices}"
+        tag = f"{name}-{strategy}{'-lora' if lora else ''}-{WORLD_SIZE}"
         per_batch = make_module(name, lora)[0].optimizer_steps_per_batch()  # PPO: ppo_epochs optimizer steps
         checkpoints = ModelCheckpoint(dirpath=out / f"{tag}-ckpt", every_n_train_steps=per_batch, save_top_k=-1)
         callbacks = [checkpoints] if strategy == "fsdp2" else []
         module, metrics = run(name, strategy, data_dir, lora, 2 * per_batch, callbacks)
         state = full_state(module)
-        if rank_zero:
+        if RANK_ZERO:
             torch.save(state, out / f"{tag}.pt")
             (out / f"{tag}.json").write_text(json.dumps(metrics))
         if strategy == "fsdp2":
             checkpoint = out / f"{tag}-ckpt" / f"epoch=0-step={per_batch}.ckpt"
             resumed, _ = run(name, strategy, data_dir, lora, 2 * per_batch, ckpt_path=str(checkpoint))
             resumed_state = full_state(resumed)
-            if rank_zero:
+            if RANK_ZERO:
                 torch.save(resumed_state, out / f"{tag}-resumed.pt")

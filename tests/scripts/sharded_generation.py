@@ -8,13 +8,12 @@ Multi-process runs are started by the test like torchrun does; ``ModelParallelSt
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from common import RANK_ZERO, WORLD_SIZE, quiet_trainer
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
@@ -57,22 +56,9 @@ class SampleAtStart(L.Callback):
 
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
-    devices = int(os.environ.get("WORLD_SIZE", "1"))
     sampler = SampleAtStart()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto",
-        max_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[sampler],
-    )
     module = DPOModule(model="tiny-llama")
     module.train_dataloader = lambda: torch.utils.data.DataLoader([0])  # max_steps=0: fit only sets up
-    trainer.fit(module)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out_dir / f"generation-{devices}.json").write_text(json.dumps(sampler.results))
+    quiet_trainer("fsdp2", max_steps=0, callbacks=[sampler]).fit(module)
+    if RANK_ZERO:
+        (out_dir / f"generation-{WORLD_SIZE}.json").write_text(json.dumps(sampler.results))
