@@ -1,6 +1,7 @@
 """Multi-process runs (gloo on CPU): DDP and FSDP2 give what one process gives on the same global batch.
 
-Marked ``distributed`` (part of the default run and of CI; ``-m "not distributed"`` skips them locally).
+Marked ``distributed``: left out of a bare ``pytest`` (the quick loop), run by the README's test command and CI
+(``-m "not slow"``).
 """
 
 from __future__ import annotations
