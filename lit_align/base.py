@@ -416,9 +416,14 @@ class AlignmentModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(values, step=0)
 
+    @property
+    def num_ranks(self) -> int:
+        """Processes in the run (the trainer's world size; 1 outside a Trainer)."""
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def sum_across_ranks(self, tensor: Tensor) -> Tensor:
         """Sum a tensor over all ranks (a collective: every rank must call it); itself on one process."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if self.num_ranks == 1:
             return tensor
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
 

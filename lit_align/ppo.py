@@ -431,7 +431,7 @@ class PPOModule(AlignmentModule):
                 # The losses are token means over the minibatch of all ranks: each micro-batch's mean is weighted
                 # by its share of those tokens, times the world size because DDP/FSDP average gradients over ranks.
                 minibatch_tokens = self.sum_across_ranks(tokens[minibatch_rows].sum()).clamp_min(1)
-                tokens_per_rank = minibatch_tokens / self.trainer.world_size
+                tokens_per_rank = minibatch_tokens / self.num_ranks
                 for rows in minibatch_rows.split(micro):
                     losses = self.ppo_loss(rollout, rows)
                     self.manual_backward(losses["loss"] * tokens[rows].sum() / tokens_per_rank)

@@ -1,7 +1,8 @@
 """Supervised fine-tuning: next-token negative log-likelihood (Radford et al. 2018; Ouyang et al. 2022 §3.5).
 
 The loss is the mean NLL over the tokens the completion mask marks (completion-only, TRL's default for
-prompt/completion data) or over every real token of the text (``completion_only_loss=False``).
+prompt/completion data) or over every real token of the text (``completion_only_loss=False``). Under DDP/FSDP the
+mean is over the tokens of every rank's batch, as in one process on the global batch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class SFTModule(AlignmentModule):
         mask = loss_mask[:, 1:].to(token_logps.dtype)
         tokens = mask.sum()
         loss = -(token_logps * mask).sum() / tokens.clamp_min(1)
+        if stage == "train":
+            # the mean over every rank's tokens: DDP/FSDP average the ranks' gradients, so divide the local sum by
+            # the tokens per rank (a per-rank mean would weigh a token on a rank with few tokens more)
+            tokens_per_rank = self.sum_across_ranks(tokens.detach()) / self.num_ranks
+            objective = -(token_logps * mask).sum() / tokens_per_rank.clamp_min(1)
+        else:
+            objective = loss
         correct = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).to(mask.dtype) * mask
         self.log_values(
             stage,
@@ -53,4 +61,4 @@ class SFTModule(AlignmentModule):
         perplexity = self.metrics.get(stage, "perplexity")
         perplexity.update(token_logps, mask)
         self.log(self.metrics.log_name(stage, "perplexity"), perplexity, on_step=False, on_epoch=True)
-        return loss
+        return objective

@@ -154,14 +154,15 @@ def test_entanglement_monitor_under_ddp_and_fsdp2_matches_one_process(tmp_path, 
             assert two["condition_failed"] == one["condition_failed"], (strategy, one["step"])
 
 
-MODULES = ("dpo", "kto", "ppo", "rloo", "dm")
+MODULES = ("sft", "dpo", "kto", "ppo", "rloo", "dm")
 
 
 def write_one_prompt_pairs(directory: Path) -> Path:
-    """Four HH-format pairs sharing one prompt (so KTO's in-batch KL pairs do not depend on the rank split)."""
+    """Four HH-format pairs sharing one prompt (so KTO's in-batch KL pairs do not depend on the rank split), with
+    chosen answers of very different lengths (so a per-rank token mean would differ from the global one)."""
     prompt = "\n\nHuman: Tell me about your day.\n\nAssistant:"
-    good = ["It was lovely, thanks for asking.", "Great! I read a good book.", "Wonderful, sunny and calm.",
-            "Happy and productive, thank you."]  # fmt: skip
+    good = ["It was lovely, thanks for asking. I walked to the market, bought fresh bread and talked to friends all "
+            "afternoon.", "Great!", "Wonderful, sunny and calm, with a long swim in the lake.", "Fine."]  # fmt: skip
     bad = ["Awful. Leave me alone.", "Terrible, everything broke.", "Bad, I hate it.", "Horrible and sad."]
     (directory / "helpful-base").mkdir(parents=True)
     with open(directory / "helpful-base" / "test.jsonl", "w") as handle:

@@ -1,9 +1,10 @@
-"""DPO, KTO, PPO (GAE), RLOO and distribution matching for two optimizer steps on one process, under DDP or under
+"""SFT, DPO, KTO, PPO (GAE), RLOO and distribution matching for two optimizer steps on one process, under DDP or under
 FSDP2, with or without LoRA; rank 0 writes each module's synced epoch metrics and its full final weights to
 OUT_DIR/<module>-<strategy>[-lora]-<world size>.{json,pt}. Under FSDP2 each module is also resumed from the
 sharded checkpoint of step 1 (``...-resumed-...``).
 
-    python scale_modules.py OUT_DIR DATA_DIR STRATEGY [lora]     (STRATEGY: single, ddp or fsdp2)
+    python scale_modules.py OUT_DIR DATA_DIR STRATEGY [lora|-] [MODULES]   (STRATEGY: single, ddp or fsdp2;
+                                                                            MODULES: comma-separated, default all)
 
 Multi-process runs are started by the test like torchrun does. Every epoch is one optimizer step on the same
 global batch on 1 and 2 processes. The data has one shared prompt, so KTO's mismatched KL pairs (built inside each
@@ -26,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lit_align import DistributionMatchingModule, DPOModule, KTOModule, PPOModule
+from lit_align import DistributionMatchingModule, DPOModule, KTOModule, PPOModule, SFTModule
 from lit_align.ebm import KLControlTarget
 from lit_align.rewards import LexiconSentimentReward
 
@@ -71,6 +72,8 @@ def make_module(name: str, lora: bool) -> tuple[L.LightningModule, str, int]:
     if lora:
         common["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     sampling = dict(max_new_tokens=6, drift_texts=0)
+    if name == "sft":
+        return SFTModule(**common), "text", PAIRS
     if name == "dpo":
         return DPOModule(**common), "pair", PAIRS
     if name == "kto":
@@ -106,9 +109,9 @@ def full_state(module: L.LightningModule) -> dict[str, torch.Tensor]:
 
 if __name__ == "__main__":
     out_dir, data_dir, strategy = sys.argv[1:4]
-    lora = "lora" in sys.argv[4:]
+    lora = len(sys.argv) > 4 and sys.argv[4] == "lora"
     out = Path(out_dir)
-    for name in ("dpo", "kto", "ppo", "rloo", "dm"):
+    for name in sys.argv[5].split(",") if len(sys.argv) > 5 else ("sft", "dpo", "kto", "ppo", "rloo", "dm"):
         tag = f"{name}-{strategy}{'-lora' if lora else ''}-{WORLD_SIZE}"
         per_batch = make_module(name, lora)[0].optimizer_steps_per_batch()  # PPO: ppo_epochs optimizer steps
         checkpoints = ModelCheckpoint(dirpath=out / f"{tag}-ckpt", every_n_train_steps=per_batch, save_top_k=-1)
