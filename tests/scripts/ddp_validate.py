@@ -9,28 +9,18 @@ import json
 import sys
 
 import lightning as L
+from common import hh_pairs
 
-from datamodules import HHDataModule
 from lit_align import DPOModule
 
 if __name__ == "__main__":
     devices, out, hh_dir, policy_dir, reference_dir = sys.argv[1:6]
     module = DPOModule(model=policy_dir, reference_model=reference_dir)
-    data = HHDataModule(
-        data_path=hh_dir,
-        subsets=["helpful-base"],
-        train_split="test",
-        val_split=None,
-        holdout=32,
-        limit_train=8,
-        batch_size=4,
-        max_length=48,
-        max_prompt_length=32,
-    )
+    data = hh_pairs(hh_dir, holdout=32, batch_size=4, max_length=48, max_prompt_length=32, shuffle=True)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=int(devices),
-        strategy="ddp" if int(devices) > 1 else "auto",
+        strategy="ddp" if int(devices) > 1 else "auto",  # Lightning's own launcher re-runs this script per rank
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
