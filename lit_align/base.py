@@ -347,7 +347,7 @@ class AlignmentModule(L.LightningModule):
         rank that stopped early would leave the others waiting in an all-gather). Under FSDP2 with
         ``gather_for_generation`` the weights are all-gathered once for the whole call (see the argument).
         """
-        synced = self._trainer is not None and self.trainer.world_size > 1
+        synced = self.num_ranks > 1
         with self.gathered_weights(model) if self.hparams.gather_for_generation else nullcontext():
             return sample_responses(model, self.tokenizer, prompt_ids, prompt_mask, synced_gpus=synced, **sampling)
 
@@ -426,6 +426,18 @@ class AlignmentModule(L.LightningModule):
         if self.num_ranks == 1:
             return tensor
         return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    def sum_and_count_across_ranks(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Σ ``values`` and how many there are, over every rank (one collective): a global mean is their ratio."""
+        count = torch.tensor(float(values.numel()), device=values.device, dtype=values.dtype)
+        totals = self.sum_across_ranks(torch.stack([values.sum(), count]))
+        return totals[0], totals[1]
+
+    def per_rank_share(self, count: Tensor) -> Tensor:
+        """``count`` summed over all ranks, divided by the number of ranks: the divisor that turns a local sum into
+        the global mean once DDP/FSDP average the ranks' gradients (a per-rank mean would weigh an item on a rank
+        with fewer items more)."""
+        return self.sum_across_ranks(count.detach()) / self.num_ranks
 
     def call_callbacks(self, hook: str) -> None:
         """Call ``hook(trainer, module)`` on every trainer callback that defines it (lit-align's extra hooks)."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule, decode_responses, reshard, response_logprobs
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
-from lit_align.losses import dpg_loss
+from lit_align.losses import dpg_loss, masked_mean_var
 from lit_align.metrics import DIVERSITY_NAMES, StageMetrics, diversity_scores
 
 
@@ -175,10 +175,9 @@ class DistributionMatchingModule(AlignmentModule):
             log_target = log_a + self.target.log_score(values).to(self.device)
             log_q = self.sequence_logprobs_of(self.proposal, sequences, attention_mask, width, response_mask).double()
             weights = torch.exp(log_target - log_q)
-            count = torch.tensor(float(len(completions)), device=self.device, dtype=torch.float64)
-            totals = self.sum_across_ranks(torch.stack([weights.sum(), count]))  # Ẑ: a mean over every rank's samples
-            self.z_sum += totals[0]
-            self.z_count += totals[1]
+            total, count = self.sum_and_count_across_ranks(weights)  # Ẑ: a mean over every rank's samples
+            self.z_sum += total
+            self.z_count += count
         log_pi = self.sequence_logprobs_of(self.policy, sequences, attention_mask, width, response_mask)
         losses, advantage = dpg_loss(
             log_pi, log_target, log_q, self.z, self.hparams.baseline, self.hparams.clip_weights
@@ -213,10 +212,8 @@ class DistributionMatchingModule(AlignmentModule):
 
     def global_std(self, values: Tensor) -> Tensor:
         """Population standard deviation of ``values`` over every rank's batch (a collective)."""
-        count = torch.tensor(float(values.numel()), device=values.device, dtype=values.dtype)
-        totals = self.sum_across_ranks(torch.stack([values.sum(), values.pow(2).sum(), count]))
-        mean = totals[0] / totals[2]
-        return (totals[1] / totals[2] - mean**2).clamp_min(0).sqrt()
+        everything = torch.ones_like(values)
+        return masked_mean_var(values, everything, unbiased=False, sum_across_ranks=self.sum_across_ranks)[1].sqrt()
 
     def gradient_variance(self, sequences, attention_mask, width, response_mask, log_target, log_q) -> Tensor:
         """mean_i ‖g_i‖² − ‖mean_i g_i‖² of per-sample loss gradients (the GDC code's GradientMonitor)."""

@@ -72,9 +72,8 @@ class KTOModule(AlignmentModule):
         kl_inputs = (batch[KL_INPUT_IDS], batch[KL_ATTENTION_MASK], batch[KL_COMPLETION_MASK])
         with torch.no_grad():
             log_ratio = self.policy_logprobs(*kl_inputs).logps - self.reference_logprobs(*kl_inputs).logps
-        total = torch.stack([log_ratio.sum(), torch.tensor(float(log_ratio.numel()), device=log_ratio.device)])
-        total = self.sum_across_ranks(total)
-        return (total[0] / total[1]).clamp_min(0).detach()
+        total, count = self.sum_and_count_across_ranks(log_ratio)
+        return (total / count).clamp_min(0).detach()
 
     def shared_step(self, batch: dict, stage: str) -> Tensor:
         if batch[INPUT_IDS].shape[0] < 2:

@@ -107,6 +107,33 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None 
     return torch.where(nonempty, numerator / safe_denominator, torch.zeros_like(numerator))
 
 
+SumAcrossRanks = Callable[[Tensor], Tensor]
+
+
+def masked_mean_var(
+    values: Tensor, mask: Tensor, unbiased: bool = True, sum_across_ranks: SumAcrossRanks | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance over the masked entries (Bessel-corrected by default, as TRL's ``masked_var``).
+
+    ``sum_across_ranks`` (e.g. ``AlignmentModule.sum_across_ranks``) makes both statistics those of the masked
+    entries of *all* ranks, so whitening under DDP/FSDP equals whitening the global batch in one process (TRL
+    whitens each rank's batch on its own)."""
+    total = _identity if sum_across_ranks is None else sum_across_ranks
+    mask = mask.to(values.dtype)
+    sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
+    mean, count = sums[0] / sums[1].clamp_min(1), sums[1]
+    variance = total(((values - mean) ** 2 * mask).sum()) / count.clamp_min(1)
+    if unbiased:
+        if count < 2:
+            raise ValueError("an unbiased masked variance needs at least 2 unmasked entries")
+        variance = variance * count / (count - 1)
+    return mean, variance
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 def _check_beta(beta: float) -> None:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")

@@ -25,7 +25,6 @@ live in ``lit_align.losses``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -41,37 +40,17 @@ from lit_align.base import (
     response_logprobs,
     token_logprobs,
 )
-from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean
+from lit_align.losses import (
+    SumAcrossRanks,
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_penalty,
+    masked_mean,
+    masked_mean_var,
+)
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics, diversity_scores
 from lit_align.models import load_causal_lm
 from lit_align.rewards import RewardFunction
-
-SumAcrossRanks = Callable[[Tensor], Tensor]
-
-
-def masked_mean_var(
-    values: Tensor, mask: Tensor, unbiased: bool = True, sum_across_ranks: SumAcrossRanks | None = None
-) -> tuple[Tensor, Tensor]:
-    """Mean and variance over the masked entries (Bessel-corrected by default, as TRL's ``masked_var``).
-
-    ``sum_across_ranks`` (e.g. ``AlignmentModule.sum_across_ranks``) makes both statistics those of the masked
-    entries of *all* ranks, so whitening under DDP/FSDP equals whitening the global batch in one process (TRL
-    whitens each rank's batch on its own)."""
-    total = _identity if sum_across_ranks is None else sum_across_ranks
-    mask = mask.to(values.dtype)
-    sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
-    mean, count = sums[0] / sums[1].clamp_min(1), sums[1]
-    variance = total(((values - mean) ** 2 * mask).sum()) / count.clamp_min(1)
-    if unbiased:
-        if count < 2:
-            raise ValueError("an unbiased masked variance needs at least 2 unmasked entries")
-        variance = variance * count / (count - 1)
-    return mean, variance
-
-
-def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance over the masked entries of one tensor (see :func:`masked_mean_var`)."""
-    return masked_mean_var(values, mask, unbiased)[1]
 
 
 def masked_whiten(
@@ -89,10 +68,6 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask
-
-
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -429,9 +404,8 @@ class PPOModule(AlignmentModule):
             order = torch.randperm(size, device=rollout.sequences.device)
             for minibatch_rows in order.split(minibatch):
                 # The losses are token means over the minibatch of all ranks: each micro-batch's mean is weighted
-                # by its share of those tokens, times the world size because DDP/FSDP average gradients over ranks.
-                minibatch_tokens = self.sum_across_ranks(tokens[minibatch_rows].sum()).clamp_min(1)
-                tokens_per_rank = minibatch_tokens / self.num_ranks
+                # by its share of those tokens.
+                tokens_per_rank = self.per_rank_share(tokens[minibatch_rows].sum()).clamp_min(1 / self.num_ranks)
                 for rows in minibatch_rows.split(micro):
                     losses = self.ppo_loss(rollout, rows)
                     self.manual_backward(losses["loss"] * tokens[rows].sum() / tokens_per_rank)
@@ -485,9 +459,8 @@ class PPOModule(AlignmentModule):
         stats.update(self.ppo_update(rollout))
         stats["time/update"] = torch.tensor([time.perf_counter() - started])
         if self.kl_controller is not None:  # on the global batch, so β stays the same on every rank
-            kl = stats["objective/kl"]
-            totals = self.sum_across_ranks(torch.stack([kl.sum(), torch.tensor(float(kl.numel()), device=kl.device)]))
-            self.kl_controller.update(float(totals[0] / totals[1]), int(totals[1]))
+            total, count = self.sum_and_count_across_ranks(stats["objective/kl"])
+            self.kl_controller.update(float(total / count), int(count))
         stats["objective/kl_coef"] = torch.tensor([self.kl_coef])
         if not torch.isfinite(stats["loss/policy_avg"]).all():
             raise FloatingPointError(

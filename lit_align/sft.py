@@ -41,14 +41,10 @@ class SFTModule(AlignmentModule):
         token_logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
         mask = loss_mask[:, 1:].to(token_logps.dtype)
         tokens = mask.sum()
-        loss = -(token_logps * mask).sum() / tokens.clamp_min(1)
-        if stage == "train":
-            # the mean over every rank's tokens: DDP/FSDP average the ranks' gradients, so divide the local sum by
-            # the tokens per rank (a per-rank mean would weigh a token on a rank with few tokens more)
-            tokens_per_rank = self.sum_across_ranks(tokens.detach()) / self.num_ranks
-            objective = -(token_logps * mask).sum() / tokens_per_rank.clamp_min(1)
-        else:
-            objective = loss
+        negative_log_likelihood = -(token_logps * mask).sum()
+        loss = negative_log_likelihood / tokens.clamp_min(1)
+        # training: the mean over every rank's tokens (validation metrics are token-weighted sums anyway)
+        objective = negative_log_likelihood / self.per_rank_share(tokens).clamp_min(1) if stage == "train" else loss
         correct = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).to(mask.dtype) * mask
         self.log_values(
             stage,
