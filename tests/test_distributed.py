@@ -81,9 +81,12 @@ def test_fsdp2_training_and_export_match_a_single_process(tmp_path, hh_dir):
         assert sharded[name] == pytest.approx(single[name], rel=1e-4, abs=1e-5), name
     weights_one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     weights_two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
-    assert weights_one.keys() <= weights_two.keys()
-    for name, weight in weights_one.items():
-        torch.testing.assert_close(weights_two[name], weight, atol=1e-5, rtol=1e-4, msg=name)
+    initial = tiny_llama(0).state_dict()  # the module's starting weights (model="tiny-llama", seed 0)
+    assert initial.keys() <= weights_one.keys() <= weights_two.keys()
+    # the exported policy moved, and by the same update as one process (relative, as for every distributed test:
+    # an elementwise 1e-5 check failed on Adam's sign-like first steps flipping tiny-gradient elements by ~lr)
+    assert sum(float((weights_one[k] - v).abs().sum()) for k, v in initial.items()) > 0
+    assert relative_update_error(weights_one, weights_two, initial) < 1e-4
 
 
 def launch(script: str, world_size: int, *args: str) -> None:
