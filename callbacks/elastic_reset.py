@@ -18,18 +18,17 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.base import AlignmentCallback
 from callbacks.weights import (
     attach_store,
-    copy_,
     ema_update_,
     initial_weights,
     local,
     reference_pairs,
-    trainable_parameters,
 )
 
 
-class ElasticReset(L.Callback):
+class ElasticReset(AlignmentCallback):
     """Periodically reset the policy to its EMA, and the EMA to the initial model.
 
     Args:
@@ -79,7 +78,7 @@ class ElasticReset(L.Callback):
         )  # fmt: skip
 
     def on_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.weights = trainable_parameters(pl_module, self.include_value_head)
+        self.weights = pl_module.trainable_named_parameters(include_extra=self.include_value_head)
         self.initial = initial_weights(trainer, pl_module, "elastic_reset_initial", self.weights)
         if self.ema_as_reference:
             pairs = {id(policy): reference for _, policy, reference in reference_pairs(pl_module, "ElasticReset")}
@@ -95,8 +94,8 @@ class ElasticReset(L.Callback):
                 ema_update_(local(self.ema[name]), local(parameter), self.decay)
         if self.steps % self.reset_every == 0:
             for name, parameter in self.weights.items():
-                copy_(local(parameter), local(self.ema[name]))
-                copy_(local(self.ema[name]), self.initial[name])
+                local(parameter).copy_(local(self.ema[name]))
+                local(self.ema[name]).copy_(self.initial[name])
             if self.reset_optimizer:
                 for optimizer in trainer.optimizers:
                     optimizer.state.clear()

@@ -33,11 +33,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from callbacks.base import AlignmentCallback
 from datamodules.base import (
     CHOSEN_ATTENTION_MASK,
     CHOSEN_COMPLETION_MASK,
@@ -46,6 +46,7 @@ from datamodules.base import (
     REJECTED_COMPLETION_MASK,
     REJECTED_INPUT_IDS,
 )
+from lit_align.base import AlignmentModule
 from lit_align.gradients import MIN_GRADIENT_NORM, entanglement_condition
 
 SIDES = (
@@ -55,7 +56,7 @@ SIDES = (
 PREFIX = "entanglement/"
 
 
-class GradientEntanglementMonitor(Callback):
+class GradientEntanglementMonitor(AlignmentCallback):
     """Per-pair gradient inner products, entanglement ratios and log-prob trends on a fixed probe set.
 
     Works with any module that has ``pair_margin_coefficients(batch) -> (c_w, c_l)`` (DPOModule, KTOModule).
@@ -91,6 +92,7 @@ class GradientEntanglementMonitor(Callback):
     # ---- hooks ----------------------------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if not hasattr(pl_module, "pair_margin_coefficients"):
             raise TypeError(
                 f"GradientEntanglementMonitor needs a margin-based module with pair_margin_coefficients "
@@ -131,15 +133,8 @@ class GradientEntanglementMonitor(Callback):
 
     # ---- the measurement ------------------------------------------------------------------------------------
 
-    def selected_parameters(self, pl_module: nn.Module) -> list[nn.Parameter]:
-        chosen = [
-            p
-            for name, p in pl_module.named_parameters()
-            if p.requires_grad and (self.parameters is None or re.search(self.parameters, name))
-        ]
-        if not chosen:
-            raise ValueError(f"GradientEntanglementMonitor: parameters={self.parameters!r} matches no trainable one")
-        return chosen
+    def selected_parameters(self, pl_module: AlignmentModule) -> list[nn.Parameter]:
+        return pl_module.parameters_matching(self.parameters, "GradientEntanglementMonitor(parameters)")
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Measure the probe set now, log the metrics and append them to ``history``."""

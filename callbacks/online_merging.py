@@ -31,7 +31,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from callbacks.weights import attach_store, full, local, shard_like, trainable_parameters
+from callbacks.base import AlignmentCallback
+from callbacks.weights import attach_store, full, local, shard_like
 
 
 def top_fraction_mask(values: Tensor, keep: float) -> Tensor:
@@ -59,7 +60,7 @@ def onties_update(delta: Tensor, tau: Tensor, keep_delta: Tensor, keep_tau: Tens
     return torch.where(agree, a + b, torch.where(a.abs() >= b.abs(), a, b))
 
 
-class OnlineMerging(L.Callback):
+class OnlineMerging(AlignmentCallback):
     """Merge each optimizer update with τ = θ_SFT − θ_base (OnDARE or OnTIES).
 
     Args:
@@ -99,15 +100,14 @@ class OnlineMerging(L.Callback):
     def on_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lit_align.models import load_causal_lm
 
-        self.weights = trainable_parameters(pl_module)
-        if "online_merging_tau" in getattr(pl_module, "callback_weights", {}):
+        self.weights = pl_module.trainable_named_parameters()
+        if "online_merging_tau" in pl_module.callback_weights:
             self.tau = pl_module.callback_weights["online_merging_tau"]
         else:
             base = dict(load_causal_lm(self.base_model).named_parameters())
-            prefix = "policy."
             tau = {}
             for name, parameter in self.weights.items():
-                base_name = name[len(prefix) :] if name.startswith(prefix) else name
+                base_name = pl_module.policy_tensor_name(name) or name
                 if base_name not in base or base[base_name].shape != parameter.shape:
                     raise ValueError(
                         f"OnlineMerging: base model {self.base_model} has no tensor '{base_name}' of shape "

@@ -21,7 +21,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from callbacks.base import AlignmentCallback
 from callbacks.weights import average_state_dicts, local, reference_pairs, shard_like
+from lit_align.base import AlignmentModule
 
 
 def load_state_dict(source: str | Path) -> dict[str, Tensor]:
@@ -34,14 +36,16 @@ def load_state_dict(source: str | Path) -> dict[str, Tensor]:
     if path.is_file():
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         state = checkpoint.get("state_dict", checkpoint)
-        policy = {name[len("policy.") :]: t for name, t in state.items() if name.startswith("policy.")}
+        names = {name: AlignmentModule.policy_tensor_name(name) for name in state}
+        policy = {own: state[name] for name, own in names.items() if own is not None}
         if not policy:
-            raise ValueError(f"{path}: no 'policy.' tensors in its state_dict; is it a lit-align checkpoint?")
+            prefix = AlignmentModule.policy_prefix
+            raise ValueError(f"{path}: no '{prefix}' tensors in its state_dict; is it a lit-align checkpoint?")
         return policy
     raise FileNotFoundError(f"ReferenceSoup: checkpoint {path} does not exist")
 
 
-class ReferenceSoup(L.Callback):
+class ReferenceSoup(AlignmentCallback):
     """Replace the reference (and optionally the initial policy) by the weighted average of checkpoints.
 
     Args:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from callbacks.base import AlignmentCallback
 from callbacks.weights import local, reference_pairs
 
 
-class ReferenceSync(L.Callback):
+class ReferenceSync(AlignmentCallback):
     """Soft-update the reference toward the policy every ``sync_every`` optimizer steps.
 
     Args:

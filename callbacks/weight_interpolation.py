@@ -27,7 +27,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.weights import WeightStore, initial_weights, interpolate, layer_index, local, trainable_parameters
+from callbacks.base import AlignmentCallback
+from callbacks.weights import WeightStore, initial_weights, interpolate, layer_index, local
 
 
 def block_alpha_per_layer(num_layers: int, block_alphas: list[float]) -> list[float]:
@@ -40,7 +41,7 @@ def block_alpha_per_layer(num_layers: int, block_alphas: list[float]) -> list[fl
     return [block_alphas[min(layer // size, blocks - 1)] for layer in range(num_layers)]
 
 
-class WeightInterpolation(L.Callback):
+class WeightInterpolation(AlignmentCallback):
     """Interpolate the trained policy toward its initial weights at the end of training.
 
     Args:
@@ -76,7 +77,7 @@ class WeightInterpolation(L.Callback):
         return self._generate_state_key(alpha=self.alpha, block_alphas=self.block_alphas, sweep=self.sweep)
 
     def on_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.weights = trainable_parameters(pl_module, self.include_value_head)
+        self.weights = pl_module.trainable_named_parameters(include_extra=self.include_value_head)
         self.initial = initial_weights(trainer, pl_module, "interpolation_initial", self.weights)
 
     def ratios(self, alpha: float) -> dict[str, float]:

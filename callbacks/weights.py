@@ -3,12 +3,9 @@
 Plain tensors and FSDP2 shards alike: under FSDP2 every parameter is a DTensor holding this rank's shard. A
 snapshot is a clone of that local shard, so elementwise math (EMA, interpolation, merging) runs shard by shard with
 no communication and each rank stores only its part. Snapshots are buffers of a ``WeightStore`` submodule of the
-LightningModule (``module.callback_weights[name]``), so they travel through the module's checkpoint (sharded under
-FSDP2); a callback's own ``state_dict`` is saved from rank 0 only and holds just counters and RNG state.
-
-lit-align modules call two extra callback hooks (``AlignmentModule.call_callbacks``):
-``on_configure_model(trainer, module)`` once the weights exist (after sharding, before a checkpoint is restored)
-and ``on_after_optimizer_step(trainer, module)`` after every optimizer step, PPO's manual ones included.
+LightningModule (``module.callback_weight_store(name, ...)``), so they travel through the module's checkpoint
+(sharded under FSDP2); a callback's own ``state_dict`` is saved from rank 0 only and holds just counters and RNG
+state. Snapshots are allocated in ``AlignmentCallback.on_configure_model`` (``callbacks/base.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +15,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from lit_align.base import AlignmentModule
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -43,22 +42,14 @@ def shard_like(whole: Tensor, like: Tensor) -> Tensor:
     return whole
 
 
-def trainable_parameters(module: nn.Module, include_extra: bool = False) -> dict[str, nn.Parameter]:
-    """What a callback acts on: the policy's trainable weights (only the adapters under LoRA), and with
-    ``include_extra`` the other trainable modules (e.g. PPO's value head), by name in the LightningModule."""
-    chosen = [module.policy, *(module.extra_trainable_modules() if include_extra else [])]
-    wanted = {id(p) for part in chosen for p in part.parameters() if p.requires_grad}
-    return {name: p for name, p in module.named_parameters() if id(p) in wanted}
-
-
-def reference_pairs(module: nn.Module, owner: str) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+def reference_pairs(module: AlignmentModule, owner: str) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
     """(name, policy parameter, reference parameter) with the same name, for callbacks that write the reference."""
-    if getattr(module.hparams, "precompute_ref_logps", False):
+    if module.reference_logps_precomputed:
         raise ValueError(f"{owner} changes the reference, so its log-probs cannot be precomputed: precompute_ref_logps")
-    if getattr(module, "reference", None) is None:
+    if module.reference is None:
         reason = (
             "with LoRA the reference is the policy with adapters disabled"
-            if getattr(module, "uses_lora", False)
+            if module.uses_lora
             else "the module holds no reference model (reference-free loss, or reference log-probs precomputed)"
         )
         raise ValueError(f"{owner} writes the reference weights, but {reason}; use a full reference copy")
@@ -100,26 +91,23 @@ class WeightStore(nn.Module):
         return sum(self[name].numel() for name in self.names)
 
 
-def attach_store(module: nn.Module, name: str, tensors: Mapping[str, Tensor]) -> WeightStore:
-    """The store ``name`` of ``module`` (kept across calls: the model is configured once per fit)."""
-    if not hasattr(module, "callback_weights"):
-        module.callback_weights = nn.ModuleDict()
-    if name not in module.callback_weights:
-        module.callback_weights[name] = WeightStore(tensors)
-    return module.callback_weights[name]
+def attach_store(module: AlignmentModule, name: str, tensors: Mapping[str, Tensor]) -> WeightStore:
+    """The module's snapshot store ``name``, holding copies of ``tensors`` when it is first made."""
+    return module.callback_weight_store(name, lambda: WeightStore(tensors))
 
 
-def initial_weights(trainer, module: nn.Module, store_name: str, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def initial_weights(
+    trainer, module: AlignmentModule, store_name: str, weights: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
     """θ_0 of ``weights`` (local shards). Where the frozen reference still holds a tensor's initial value and no
     callback rewrites the reference, that tensor is read from the reference: no copy. The rest (LoRA adapters, a
     value head, a reference from elsewhere) is snapshotted into the store ``store_name``."""
     shared: dict[str, Tensor] = {}
     rewritten = any(getattr(callback, "writes_reference", False) for callback in trainer.callbacks)
-    releases = getattr(module.hparams, "precompute_ref_logps", False)  # the reference is freed before training
-    if getattr(module, "reference", None) is not None and not rewritten and not releases:
+    if module.reference is not None and not rewritten and not module.reference_logps_precomputed:
         references = dict(module.reference.named_parameters())
         for name, parameter in weights.items():
-            reference = references.get(name.removeprefix("policy."))
+            reference = references.get(module.policy_tensor_name(name) or name)
             if reference is not None and reference.shape == parameter.shape:
                 if torch.equal(local(reference), local(parameter)):
                     shared[name] = local(reference)
@@ -132,11 +120,6 @@ def initial_weights(trainer, module: nn.Module, store_name: str, weights: Mappin
 def ema_update_(average: Tensor, value: Tensor, decay: float) -> None:
     """average ← decay·average + (1 − decay)·value, in place."""
     average.lerp_(value.to(average.dtype), 1.0 - decay)
-
-
-@torch.no_grad()
-def copy_(destination: Tensor, source: Tensor) -> None:
-    destination.copy_(source)
 
 
 def interpolate(initial: Tensor, trained: Tensor, alpha: float) -> Tensor:

@@ -1,170 +1,32 @@
-"""What every alignment module shares: models, reference, log-probs, optimizer, metrics logging, export.
+"""``AlignmentModule``: what every alignment LightningModule shares — models and reference, the DataModule hand-off,
+optimizer and schedule, metrics logging, the callback hooks, export.
 
-One algorithm per subclass file (``dpo.py``, ``kto.py``, ...); the mechanics they all need live here once.
+One algorithm per subclass file (``dpo.py``, ``kto.py``, ...). Log-probs live in ``logprobs.py``, sampling in
+``generation.py``, FSDP2 sharding mechanics in ``strategies.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from transformers import GenerationConfig, PreTrainedModel, get_scheduler
+from transformers import PreTrainedModel, get_scheduler
 
 from datamodules.base import INDEX
+from lit_align.generation import sample_responses
+from lit_align.logprobs import SequenceLogps, sequence_logprobs
 from lit_align.metrics import StageMetrics
 from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
-
-# ----------------------------------------------------------------------------------------------------------------
-# Log-probabilities: the one implementation every module uses.
-
-
-def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """log π(label | context) per position: ``log_softmax(logits)[label]`` without materialising the log-softmax.
-
-    ``logits`` [..., V] and ``labels`` [...] must already be aligned (logits at t score the label at t).
-    Full precision uses gather − logsumexp (one [..., V] temporary for the logsumexp instead of a second full
-    log-softmax tensor). Half precision is upcast one row at a time, so float32 never holds the whole batch.
-    """
-    if temperature != 1.0:
-        logits = logits / temperature
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
-    rows = [
-        torch.log_softmax(row.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
-        for row, row_labels in zip(logits, labels, strict=True)
-    ]
-    return torch.stack(rows)
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions that skip padding, so left-padded rows (prompts, rollouts) get the positions generation used;
-    on right-padded rows they equal ``arange`` over the real tokens."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-class SequenceLogps(NamedTuple):
-    """Per-sequence sums over completion tokens, plus the per-token values they come from."""
-
-    logps: Tensor  # [B] Σ_t log π(y_t | x, y_<t) over completion tokens
-    tokens: Tensor  # [B] number of completion tokens
-    token_logps: Tensor  # [B, L] for the last L tokens of input_ids (L covers every row's completion)
-    mask: Tensor  # [B, L] completion mask aligned the same way
-
-
-def sequence_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
-) -> SequenceLogps:
-    """Forward ``model`` on right-padded sequences and sum the log-probs of the completion tokens.
-
-    The output layer runs only from the earliest completion token of the batch onwards (``logits_to_keep``):
-    with a 49k-token vocabulary the logits of prompt positions are a large share of a small model's compute and
-    memory, and no loss needs them.
-    """
-    width = input_ids.shape[1]
-    has_completion = completion_mask.any(-1)
-    first = torch.where(
-        has_completion, completion_mask.int().argmax(-1), torch.full_like(has_completion, width, dtype=torch.long)
-    )
-    start = int(first.min().clamp(1, width - 1)) if width > 1 else 1  # position 0 has no predicting logit
-    keep = width - start + 1  # logits at positions start-1 … width-1
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    try:
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep: compute all positions and slice
-        logits = model(**inputs, use_cache=False).logits[:, -keep:]
-    token_logps = token_logprobs(logits[:, :-1], input_ids[:, start:])
-    mask = completion_mask[:, start:].to(token_logps.dtype)
-    token_logps = token_logps * mask
-    return SequenceLogps(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# ---- sampling: shared by PPO and distribution matching ----------------------------------------------------------
-
-
-@torch.no_grad()
-def sample_responses(
-    model: nn.Module,
-    tokenizer,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    *,
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    synced_gpus: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample responses to left-padded prompts; returns (sequences, attention mask, response mask up to and
-    including the first EOS). ``synced_gpus`` keeps FSDP ranks in lockstep until every rank is done."""
-    eos = tokenizer.eos_token_id
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-        use_cache=True,
-    )
-    sequences = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced_gpus
-    )
-    responses = sequences[:, prompt_ids.shape[1] :]
-    response_mask = responses_until_eos(responses, eos)
-    return sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask
-
-
-def responses_until_eos(responses: Tensor, eos_token_id: int) -> Tensor:
-    """1 for every response token up to and including the first EOS (all tokens when there is none)."""
-    is_eos = responses == eos_token_id
-    positions = torch.arange(responses.shape[1], device=responses.device)
-    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1] - 1)
-    return (positions[None, :] <= first_eos[:, None]).long()
-
-
-def decode_responses(
-    tokenizer, sequences: Tensor, prompt_width: int, response_mask: Tensor
-) -> tuple[list[str], list[str]]:
-    """The prompt as the model saw it (after truncation, padding removed) and the response up to EOS."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = tokenizer.batch_decode(sequences[:, :prompt_width], skip_special_tokens=True)
-    responses = sequences[:, prompt_width:].masked_fill(response_mask == 0, pad)
-    return prompts, tokenizer.batch_decode(responses, skip_special_tokens=True)
-
-
-def response_logprobs(
-    model: nn.Module,
-    sequences: Tensor,
-    attention_mask: Tensor,
-    prompt_width: int,
-    temperature: float = 1.0,
-    output_hidden_states: bool = False,
-):
-    """Per-token log-probs [B, R] of the response tokens under ``model`` (logits / temperature, as sampled), the
-    scaled logits, and the model output (for hidden states)."""
-    out = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=output_hidden_states,
-        use_cache=False,
-    )
-    logits = out.logits[:, prompt_width - 1 : -1] / temperature
-    return token_logprobs(logits, sequences[:, prompt_width:]), logits, out
+from lit_align.strategies import fully_shard_models, gathered_weights
 
 
 class AlignmentModule(L.LightningModule):
@@ -228,6 +90,18 @@ class AlignmentModule(L.LightningModule):
         self.reference: PreTrainedModel | None = None
         self.metrics = StageMetrics(self.metric_names, self.extra_metrics())
         self._batch_index: Tensor | None = None
+        self.callback_weights = nn.ModuleDict()  # weight snapshots of callbacks (see callback_weight_store)
+
+    # ---- data: the one hand-off to the DataModule -------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Tell the trainer's DataModule which tokenizer and data mode this module needs (``attach``); Lightning
+        runs this after ``datamodule.setup``, and the DataModule tokenizes on first use. A DataModule built with
+        its own ``mode=`` keeps that mode."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        attach = getattr(datamodule, "attach", None)
+        if callable(attach):
+            attach(self.tokenizer, self.data_mode)
 
     # ---- models ---------------------------------------------------------------------------------------------
 
@@ -290,22 +164,10 @@ class AlignmentModule(L.LightningModule):
     lora_task_type: ClassVar[str] = "CAUSAL_LM"
 
     def _shard_for_model_parallel(self) -> None:
-        """FSDP2: shard each decoder layer, then the root, over the data-parallel mesh dimension."""
-        mesh = self.device_mesh
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
-            mesh = mesh["data_parallel"]
-        for model in (self.policy, self.reference, *self.extra_trainable_modules(), *self.extra_frozen_modules()):
-            if model is None or isinstance(model, FSDPModule):
-                continue
-            layer_classes = set(getattr(_unwrap(model), "_no_split_modules", None) or [])
-            for module in model.modules():
-                if type(module).__name__ in layer_classes:
-                    fully_shard(module, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+        """FSDP2 (``ModelParallelStrategy``): shard every model this module holds; nothing otherwise."""
+        if self.device_mesh is not None:
+            models = (self.policy, self.reference, *self.extra_trainable_modules(), *self.extra_frozen_modules())
+            fully_shard_models(models, self.device_mesh)
 
     def train(self, mode: bool = True) -> AlignmentModule:
         """Keep the frozen reference (and other frozen models) in eval mode whatever Lightning sets."""
@@ -320,21 +182,25 @@ class AlignmentModule(L.LightningModule):
     def policy_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
         return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask)
 
-    def reference_context(self):
-        """Context in which ``self.policy`` acts as the reference: adapters disabled under LoRA."""
-        return self.policy.disable_adapter() if self.uses_lora else nullcontext()
+    @contextmanager
+    def reference_forward(self) -> Iterator[nn.Module]:
+        """The model that acts as the reference, for forward passes without gradient inside the block: the frozen
+        copy, or under LoRA the policy with its adapters disabled (no second copy of the weights)."""
+        with torch.no_grad():
+            if self.reference is not None:
+                yield self.reference
+            elif self.uses_lora:
+                with self.policy.disable_adapter():
+                    yield self.policy
+            else:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no reference model (it was released after precomputing reference "
+                    "log-probs, or the loss is reference-free) but a reference forward was requested"
+                )
 
-    @torch.no_grad()
     def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
-        if self.reference is not None:
-            return sequence_logprobs(self.reference, input_ids, attention_mask, completion_mask)
-        if self.uses_lora:
-            with self.reference_context():
-                return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask)
-        raise RuntimeError(
-            f"{type(self).__name__} has no reference model (it was released after precomputing reference "
-            "log-probs, or the loss is reference-free) but a reference forward was requested"
-        )
+        with self.reference_forward() as reference:
+            return sequence_logprobs(reference, input_ids, attention_mask, completion_mask)
 
     # ---- sampling -------------------------------------------------------------------------------------------------
 
@@ -348,27 +214,8 @@ class AlignmentModule(L.LightningModule):
         ``gather_for_generation`` the weights are all-gathered once for the whole call (see the argument).
         """
         synced = self.num_ranks > 1
-        with self.gathered_weights(model) if self.hparams.gather_for_generation else nullcontext():
+        with gathered_weights(model) if self.hparams.gather_for_generation else nullcontext():
             return sample_responses(model, self.tokenizer, prompt_ids, prompt_mask, synced_gpus=synced, **sampling)
-
-    @staticmethod
-    @contextmanager
-    def gathered_weights(model: nn.Module):
-        """Keep an FSDP2 model unsharded between forward calls inside the block, then reshard it (no-op unsharded)."""
-        from torch.distributed.fsdp import FSDPModule
-
-        if not isinstance(model, FSDPModule):
-            yield
-            return
-        model.set_reshard_after_forward(False)  # recurses: the first forward gathers each layer, later ones reuse
-        try:
-            yield
-        finally:
-            reshard(model)
-            for module in model.modules():
-                if isinstance(module, FSDPModule):
-                    # the root stays unsharded after forward (FSDP2's own default: backward needs it right away)
-                    module.set_reshard_after_forward(module is not model, recurse=False)
 
     # ---- steps: each algorithm implements ``shared_step(batch, stage)`` ----------------------------------------
 
@@ -440,7 +287,8 @@ class AlignmentModule(L.LightningModule):
         return self.sum_across_ranks(count.detach()) / self.num_ranks
 
     def call_callbacks(self, hook: str) -> None:
-        """Call ``hook(trainer, module)`` on every trainer callback that defines it (lit-align's extra hooks)."""
+        """Call ``hook(trainer, module)`` on every trainer callback that defines it: the two hooks Lightning lacks,
+        ``on_configure_model`` and ``on_after_optimizer_step``, declared by ``callbacks.base.AlignmentCallback``."""
         if self._trainer is None:
             return
         for callback in self.trainer.callbacks:
@@ -462,6 +310,49 @@ class AlignmentModule(L.LightningModule):
                 f"{type(self).__name__}: non-finite loss ({loss.item()}) at global step {self.global_step} "
                 f"on dataset rows {rows}; stopping. Lower the learning rate or check the data and the dtype."
             )
+
+    # ---- what callbacks use (callbacks/base.py: AlignmentCallback) -----------------------------------------------
+
+    policy_prefix: ClassVar[str] = "policy."  # a policy tensor's name in this module = prefix + its name in the model
+
+    @property
+    def reference_logps_precomputed(self) -> bool:
+        """Whether reference log-probs are computed once before training instead of by a reference forward each
+        step (the reference model is then freed): callbacks that read or rewrite the reference weights refuse it."""
+        return False
+
+    @classmethod
+    def policy_tensor_name(cls, name: str) -> str | None:
+        """The name in the policy model of this module's tensor ``name`` ("policy.model.x" → "model.x"); None for
+        tensors that are not the policy's (a value head, a reference, callback weights)."""
+        return name[len(cls.policy_prefix) :] if name.startswith(cls.policy_prefix) else None
+
+    def trainable_named_parameters(self, include_extra: bool = False) -> dict[str, nn.Parameter]:
+        """The policy's trainable weights (only the adapters under LoRA) by their name in this module, and with
+        ``include_extra`` those of the other trainable modules (e.g. PPO's value head)."""
+        modules = [self.policy, *(self.extra_trainable_modules() if include_extra else [])]
+        wanted = {id(p) for module in modules for p in module.parameters() if p.requires_grad}
+        return {name: p for name, p in self.named_parameters() if id(p) in wanted}
+
+    def parameters_matching(self, pattern: str | None, option: str) -> list[nn.Parameter]:
+        """Trainable parameters whose name in this module matches the regex ``pattern`` (all when None); a pattern
+        that matches none is an error naming ``option``, the argument the user set it with."""
+        chosen = [
+            p
+            for name, p in self.named_parameters()
+            if p.requires_grad and (pattern is None or re.search(pattern, name))
+        ]
+        if not chosen:
+            raise ValueError(f"{option}={pattern!r} matches no trainable parameter of {type(self).__name__}")
+        return chosen
+
+    def callback_weight_store(self, name: str, create: Callable[[], nn.Module]) -> nn.Module:
+        """The submodule ``callback_weights[name]``, made by ``create()`` on the first call (models are configured
+        once per fit, a restore comes after): weight snapshots kept there travel in this module's checkpoint,
+        sharded like their parameters under FSDP2."""
+        if name not in self.callback_weights:
+            self.callback_weights[name] = create()
+        return self.callback_weights[name]
 
     # ---- optimisation ---------------------------------------------------------------------------------------
 
@@ -528,21 +419,3 @@ class AlignmentModule(L.LightningModule):
         model.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
         rank_zero_info(f"exported the policy to {directory}")
-
-
-def reshard(model: nn.Module) -> None:
-    """Free the gathered weights of every FSDP2 unit in ``model`` so its parameters are the sharded DTensors again.
-
-    FSDP2 keeps the root unit unsharded after a forward without backward (e.g. a no-grad scoring pass); weight
-    arithmetic between two models (``copy_``) needs both in the same, sharded, form. No-op without FSDP2.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -34,10 +34,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
-from lit_align.base import AlignmentModule, decode_responses, reshard, response_logprobs
+from lit_align.base import AlignmentModule
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
+from lit_align.generation import decode_responses
+from lit_align.logprobs import response_logprobs
 from lit_align.losses import dpg_loss, masked_mean_var
 from lit_align.metrics import DIVERSITY_NAMES, StageMetrics, diversity_scores
+from lit_align.strategies import reshard
 
 
 class DistributionMatchingModule(AlignmentModule):
@@ -124,10 +127,9 @@ class DistributionMatchingModule(AlignmentModule):
         return (logprobs * response_mask.to(logprobs.dtype)).sum(-1)
 
     def reference_sequence_logprobs(self, sequences, attention_mask, width, response_mask) -> Tensor:
-        if self.reference is not None:
-            return self.sequence_logprobs_of(self.reference, sequences, attention_mask, width, response_mask)
-        with self.reference_context():
-            return self.sequence_logprobs_of(self.policy, sequences, attention_mask, width, response_mask)
+        """log a(x): the sequence log-prob under the reference (the frozen copy, or the adapter-free policy)."""
+        with self.reference_forward() as reference:
+            return self.sequence_logprobs_of(reference, sequences, attention_mask, width, response_mask)
 
     def sample(self, model: nn.Module, batch: dict) -> tuple[Tensor, Tensor, Tensor, int, list[str]]:
         prompt_ids, prompt_mask = batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK]

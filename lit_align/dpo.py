@@ -32,8 +32,8 @@ from datamodules.base import (
     REJECTED_INPUT_IDS,
 )
 from lit_align.base import AlignmentModule, SequenceLogps
-from lit_align.gradients import normalized_pair_objective
-from lit_align.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, margin_coefficients, preference_loss
+from lit_align.gradients import margin_coefficients, normalized_pair_objective
+from lit_align.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
 
 PAIR_METRICS = (
     "loss",
@@ -153,17 +153,13 @@ class DPOModule(AlignmentModule):
 
     def normalized_gradient_parameters(self) -> list[nn.Parameter]:
         """The parameters whose per-sequence gradient norms normalise the step (all trainable by default)."""
-        pattern = self.hparams.normalization_parameters
-        chosen = [
-            p
-            for name, p in self.named_parameters()
-            if p.requires_grad and (pattern is None or re.search(pattern, name))
-        ]
-        if not chosen:
-            raise ValueError(f"normalization_parameters={pattern!r} matches no trainable parameter of the policy")
-        return chosen
+        return self.parameters_matching(self.hparams.normalization_parameters, "normalization_parameters")
 
     # ---- precomputed reference log-probs --------------------------------------------------------------------
+
+    @property
+    def reference_logps_precomputed(self) -> bool:
+        return bool(self.hparams.precompute_ref_logps and self.uses_reference)
 
     def on_fit_start(self) -> None:
         if self.hparams.normalize_pair_gradients and any(isinstance(p, DTensor) for p in self.parameters()):

@@ -2,9 +2,9 @@
 Language Model Alignment: Gradient Entanglement").
 
 ``g_w = ∇_θ log π(y_w|x)`` and ``g_l = ∇_θ log π(y_l|x)`` are gradients of *sequence-summed* completion log-probs.
-:func:`~lit_align.losses.margin_coefficients` gives each loss's ``(c_w, c_l)``; :func:`entanglement_condition`
-turns them and the inner products into "does this pair's own step lower the chosen / raise the rejected
-log-prob"; :func:`normalized_pair_objective` is the pairwise-normalised mitigation used by
+:func:`margin_coefficients` (and :func:`kto_margin_coefficients`) give each loss's ``(c_w, c_l)``;
+:func:`entanglement_condition` turns them and the inner products into "does this pair's own step lower the chosen /
+raise the rejected log-prob"; :func:`normalized_pair_objective` is the pairwise-normalised mitigation used by
 ``DPOModule(normalize_pair_gradients=True)``.
 """
 
@@ -15,8 +15,94 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lit_align.losses.preference import PREFERENCE_LOSSES
+
 # A per-example gradient norm below this is treated as this (an empty completion has g = 0).
 MIN_GRADIENT_NORM = 1e-12
+
+
+def margin_coefficients(
+    loss_type: str,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Effective margin coefficients ``(c_w, c_l)`` of a pairwise loss, per pair.
+
+    Every pairwise loss here is ``L = ℓ(m)`` with ``m = c_w·log π(y_w|x) − c_l·log π(y_l|x) + (θ-free terms)``, so
+    its gradient is ``ℓ'(m)·(c_w·g_w − c_l·g_l)`` with ``g = ∇_θ log π(y|x)``. One small step of size ``η`` on one
+    pair then moves the log-probs by (first order, Yuan et al. 2024, "A Common Pitfall of Margin-based Language
+    Model Alignment: Gradient Entanglement", Sec. 3)::
+
+        Δ log π_w = −η·ℓ'(m)·(c_w·‖g_w‖² − c_l·⟨g_w, g_l⟩)
+        Δ log π_l = −η·ℓ'(m)·(c_w·⟨g_w, g_l⟩ − c_l·‖g_l‖²)
+
+    With ``−ℓ'(m) > 0`` (the loss still wants a larger margin) the chosen log-prob rises iff
+    ``⟨g_w, g_l⟩ < (c_w/c_l)·‖g_w‖²`` and the rejected one falls iff ``⟨g_w, g_l⟩ < (c_l/c_w)·‖g_l‖²``.
+
+    =========  ====================================  ===============  ===============  ===========================
+    loss_type  margin m                              c_w              c_l              ℓ(m)
+    =========  ====================================  ===============  ===============  ===========================
+    sigmoid    β·(Δ_w − Δ_l), Δ = log π − log π_ref  β                β                −log σ(m) (cDPO: smoothed)
+    robust     β·(Δ_w − Δ_l)                         β                β                rDPO's unbiased mix
+    hinge      β·(Δ_w − Δ_l)                         β                β                relu(1 − m); ℓ' = 0 past 1
+    ipo        Δ_w/|y_w| − Δ_l/|y_l|                 1/|y_w|          1/|y_l|          (m − 1/(2β))²; ℓ' > 0 past
+                                                                                       the target: both moves flip
+    simpo      β·log π_w/|y_w| − β·log π_l/|y_l|     β/|y_w|          β/|y_l|          −log σ(m − γ)
+    KTO        none (unpaired): see                  λ_D·β·σ(x_w)     λ_U·β·σ(x_l)     see kto_margin_coefficients
+               :func:`kto_margin_coefficients`       ·σ(−x_w)         ·σ(−x_l)
+    =========  ====================================  ===============  ===============  ===========================
+
+    For the reference-based losses the reference terms are θ-free, so only the policy log-probs carry
+    ``c``; for DPO the condition is the paper's ``⟨g_w, g_l⟩ < min(‖g_w‖², ‖g_l‖²)``. SimPO's and IPO's
+    length weights make it asymmetric: a long chosen answer (small ``c_w``) is more likely to fall.
+
+    Args:
+        loss_type: a key of :data:`~lit_align.losses.PREFERENCE_LOSSES`.
+        beta: the loss's β; chosen_lengths / rejected_lengths: completion token counts ``[B]`` (clamped to >= 1).
+
+    Returns:
+        ``(c_w, c_l)``, each ``[B]``, in the dtype of ``chosen_lengths`` if floating, else float32.
+    """
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"Unknown preference loss_type {loss_type!r}; valid names are: {sorted(PREFERENCE_LOSSES)}")
+    dtype = chosen_lengths.dtype if chosen_lengths.is_floating_point() else torch.float32
+    chosen = torch.as_tensor(chosen_lengths, dtype=dtype).clamp_min(1)
+    rejected = torch.as_tensor(rejected_lengths, dtype=dtype, device=chosen.device).clamp_min(1)
+    if loss_type == "ipo":
+        return 1.0 / chosen, 1.0 / rejected
+    if loss_type == "simpo":
+        return beta / chosen, beta / rejected
+    return torch.full_like(chosen, beta), torch.full_like(rejected, beta)
+
+
+def kto_margin_coefficients(
+    chosen_logratios: Tensor,
+    rejected_logratios: Tensor,
+    reference_point: Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO's ``(c_w, c_l)`` for a desirable ``y_w`` and an undesirable ``y_l`` of one prompt (see
+    :func:`~lit_align.losses.kto_loss`).
+
+    KTO has no margin, but the same first-order analysis applies to the sum of the two rows' losses. With
+    ``r = log π − log π_ref``, ``x_w = β·(r_w − z)`` and ``x_l = β·(z − r_l)`` (``z`` detached)::
+
+        ∂/∂log π_w  λ_D·σ(−x_w) = −λ_D·β·σ(x_w)·σ(−x_w)  =: −c_w
+        ∂/∂log π_l  λ_U·σ(−x_l) = +λ_U·β·σ(x_l)·σ(−x_l)  =: +c_l
+
+    so a step moves the log-probs as in :func:`margin_coefficients` with ``−ℓ' = 1``. The coefficients depend on
+    the current rewards: a row far past ``z`` stops pulling, which makes ``c_w/c_l`` drift during training.
+    """
+    z = torch.as_tensor(reference_point, dtype=chosen_logratios.dtype, device=chosen_logratios.device)
+    x_w = beta * (chosen_logratios - z)
+    x_l = beta * (z - rejected_logratios)
+    c_w = desirable_weight * beta * torch.sigmoid(x_w) * torch.sigmoid(-x_w)
+    c_l = undesirable_weight * beta * torch.sigmoid(x_l) * torch.sigmoid(-x_l)
+    return c_w, c_l
 
 
 def entanglement_condition(
@@ -25,7 +111,7 @@ def entanglement_condition(
     """Which pairs violate "chosen up, rejected down" under their own step (first order, ``−ℓ'(m) > 0``).
 
     From ``Δ log π_w ∝ c_w·‖g_w‖² − c_l·⟨g_w,g_l⟩`` and ``Δ log π_l ∝ c_w·⟨g_w,g_l⟩ − c_l·‖g_l‖²``
-    (derivation in :func:`~lit_align.losses.margin_coefficients`).
+    (derivation in :func:`margin_coefficients`).
 
     Returns:
         ``(chosen_falls, rejected_rises)``: bool tensors ``[B]``. By Cauchy–Schwarz and ``c > 0`` at most one of

@@ -32,7 +32,8 @@ from datamodules.base import (
     REJECTED_INPUT_IDS,
 )
 from lit_align.base import AlignmentModule
-from lit_align.losses import kto_loss, kto_margin_coefficients
+from lit_align.gradients import kto_margin_coefficients
+from lit_align.losses import kto_loss
 from lit_align.metrics import DifferenceOfMeans
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -176,3 +177,8 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings | dict, task_type:
         task_type=task_type,
     )
     return get_peft_model(model, config)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

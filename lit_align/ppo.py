@@ -32,42 +32,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
-from lit_align.base import (
-    AlignmentModule,
-    _unwrap,
-    decode_responses,
-    position_ids,
-    response_logprobs,
-    token_logprobs,
-)
-from lit_align.losses import (
-    SumAcrossRanks,
-    clipped_policy_loss,
-    clipped_value_loss,
-    kl_penalty,
-    masked_mean,
-    masked_mean_var,
-)
+from lit_align.base import AlignmentModule
+from lit_align.generation import decode_responses
+from lit_align.logprobs import position_ids, response_logprobs, token_logprobs
+from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean, masked_whiten
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics, diversity_scores
-from lit_align.models import load_causal_lm
+from lit_align.models import load_causal_lm, unwrap_peft
 from lit_align.rewards import RewardFunction
-
-
-def masked_whiten(
-    values: Tensor,
-    mask: Tensor,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    sum_across_ranks: SumAcrossRanks | None = None,
-) -> Tensor:
-    """``(x − mean) / sqrt(var + eps)`` over masked entries (of all ranks with ``sum_across_ranks``);
-    ``shift_mean=False`` adds the mean back (reward whitening keeps the reward's sign on average). Entries outside
-    the mask are returned as 0."""
-    mean, variance = masked_mean_var(values, mask, sum_across_ranks=sum_across_ranks)
-    whitened = (values - mean) * torch.rsqrt(variance + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -262,7 +233,7 @@ class PPOModule(AlignmentModule):
             return
         if self.hparams.value_model is not None:
             self.value_trunk = load_causal_lm(self.hparams.value_model, self.hparams.dtype, self.hparams.seed)
-        trunk = self.value_trunk if self.value_trunk is not None else _unwrap(self.policy)
+        trunk = self.value_trunk if self.value_trunk is not None else unwrap_peft(self.policy)
         self.value_head = nn.Linear(trunk.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -275,7 +246,7 @@ class PPOModule(AlignmentModule):
 
     # ---- forward passes over [prompt ; response] ---------------------------------------------------------------
 
-    def response_logprobs(
+    def response_logprobs_and_values(
         self, model: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_width: int, with_values: bool
     ) -> tuple[Tensor, Tensor | None, Tensor]:
         """Log-probs of the response tokens under ``model`` (logits / temperature, as sampled), the values
@@ -299,13 +270,10 @@ class PPOModule(AlignmentModule):
             values = self.value_head(hidden[:, prompt_width - 1 : -1]).squeeze(-1).float()
         return logprobs, values, logits
 
-    @torch.no_grad()
     def reference_response_logprobs(self, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
         """Response log-probs under the reference: the frozen copy, or the policy with LoRA adapters off."""
-        if self.reference is not None:
-            return self.response_logprobs(self.reference, sequences, attention_mask, prompt_width, False)[0]
-        with self.reference_context():
-            return self.response_logprobs(self.policy, sequences, attention_mask, prompt_width, False)[0]
+        with self.reference_forward() as reference:
+            return self.response_logprobs_and_values(reference, sequences, attention_mask, prompt_width, False)[0]
 
     # ---- 1. rollout --------------------------------------------------------------------------------------------
 
@@ -347,7 +315,7 @@ class PPOModule(AlignmentModule):
 
         # 3. old log-probs, reference log-probs and values, without gradient
         with torch.no_grad():
-            logprobs, values, logits = self.response_logprobs(
+            logprobs, values, logits = self.response_logprobs_and_values(
                 self.policy, sequences, attention_mask, width, self.uses_critic
             )
             ref_logprobs = self.reference_response_logprobs(sequences, attention_mask, width)
@@ -430,7 +398,7 @@ class PPOModule(AlignmentModule):
 
     def ppo_loss(self, rollout: Rollout, rows: Tensor) -> dict[str, Tensor]:
         mask = rollout.response_mask[rows]
-        logprobs, values, _ = self.response_logprobs(
+        logprobs, values, _ = self.response_logprobs_and_values(
             self.policy, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_width, self.uses_critic
         )
         old = rollout.logprobs[rows]
@@ -487,7 +455,7 @@ class PPOModule(AlignmentModule):
         sequences, attention_mask, response_mask = self.generate(prompt_ids, prompt_mask)
         prompts, completions = self.decode(sequences, width, response_mask)
         scores = self.reward(prompts, completions, batch).to(self.device)
-        logprobs, _, _ = self.response_logprobs(self.policy, sequences, attention_mask, width, False)
+        logprobs, _, _ = self.response_logprobs_and_values(self.policy, sequences, attention_mask, width, False)
         ref_logprobs = self.reference_response_logprobs(sequences, attention_mask, width)
         mask = response_mask.to(logprobs.dtype)
         task_scores = (

@@ -19,9 +19,9 @@ from datamodules.base import (
     REJECTED_ATTENTION_MASK,
     REJECTED_INPUT_IDS,
 )
-from lit_align.base import AlignmentModule, _unwrap
+from lit_align.base import AlignmentModule
 from lit_align.losses import bradley_terry_loss
-from lit_align.models import load_sequence_classifier
+from lit_align.models import load_sequence_classifier, unwrap_peft
 
 MARGIN = "margin"  # optional per-pair margin a DataModule may add to pair batches
 
@@ -77,7 +77,7 @@ def last_token_scores(model: PreTrainedModel, input_ids: Tensor, attention_mask:
     The classifier's own pooling looks for the last token that is not the pad id; our sequences end in EOS,
     which is also the pad token for many tokenizers, so the position is taken from the attention mask instead.
     """
-    model = _unwrap(model)
+    model = unwrap_peft(model)
     trunk = getattr(model, model.base_model_prefix)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     last = attention_mask.sum(-1).long() - 1

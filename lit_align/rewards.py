@@ -310,7 +310,7 @@ class PivotBLEUReward(RewardFunction):
     def french_perplexity(self, french: Sequence[str]) -> Tensor:
         """Per-sentence perplexity of the French under the frozen pivot model used as a plain LM (no prompt):
         how natural the policy's French still is, the second drift score of the pivot game."""
-        from lit_align.base import token_logprobs
+        from lit_align.logprobs import token_logprobs
 
         device = next(self.translator.parameters()).device
         values = []

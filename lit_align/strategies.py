@@ -4,16 +4,24 @@
   group, so a config need not know the device count; ``AlignmentModule.configure_model`` does the sharding.
 * :class:`DecoderLayerWrapPolicy` — an FSDP1 ``auto_wrap_policy`` (Lightning's ``FSDPStrategy``) that gives each
   decoder layer its own FSDP unit.
+* FSDP2 mechanics every module shares: :func:`fully_shard_models` (per decoder layer, then the root),
+  :func:`gathered_weights` (one all-gather per ``generate`` call) and :func:`reshard`.
 
 Configs: ``configs/strategies/{ddp,fsdp,fsdp2}.yaml``, stacked onto any benchmark config.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lit_align.models import unwrap_peft
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -71,3 +79,52 @@ class DecoderLayerWrapPolicy:
         for module in root.modules():
             self.layer_classes.update(getattr(module, "_no_split_modules", None) or [])
         return self.layer_classes
+
+
+def fully_shard_models(models: Iterable[nn.Module | None], mesh: DeviceMesh) -> None:
+    """FSDP2: shard each decoder layer (the classes a transformers model lists in ``_no_split_modules``), then the
+    root, over the data-parallel dimension of ``mesh``. Idempotent: models already sharded are skipped."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        mesh = mesh["data_parallel"]
+    for model in models:
+        if model is None or isinstance(model, FSDPModule):
+            continue
+        layer_classes = set(getattr(unwrap_peft(model), "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_classes:
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+
+@contextmanager
+def gathered_weights(model: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 model unsharded between forward calls inside the block, then reshard it (no-op unsharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)  # recurses: the first forward gathers each layer, later ones reuse
+    try:
+        yield
+    finally:
+        reshard(model)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # the root stays unsharded after forward (FSDP2's own default: backward needs it right away)
+                module.set_reshard_after_forward(module is not model, recurse=False)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit in ``model`` so its parameters are the sharded DTensors again.
+
+    FSDP2 keeps the root unit unsharded after a forward without backward (e.g. a no-grad scoring pass); weight
+    arithmetic between two models (``copy_``) needs both in the same, sharded, form. No-op without FSDP2.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -21,7 +21,8 @@ from datamodules.base import (
     REJECTED_INPUT_IDS,
 )
 from lit_align import DPOModule, KTOModule
-from lit_align.losses import kto_loss, kto_margin_coefficients, margin_coefficients, preference_loss
+from lit_align.gradients import kto_margin_coefficients, margin_coefficients
+from lit_align.losses import kto_loss, preference_loss
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "simpo"])

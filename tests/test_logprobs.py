@@ -2,7 +2,7 @@
 
 import torch
 
-from lit_align.base import sequence_logprobs, token_logprobs
+from lit_align.logprobs import sequence_logprobs, token_logprobs
 from lit_align.models import tiny_llama
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from datamodules import HHDataModule
-from lit_align.base import responses_until_eos
+from lit_align.generation import responses_until_eos
 from lit_align.models import load_tokenizer, tiny_llama
 from lit_align.ppo import PPOModule
 from lit_align.rewards import CallableReward

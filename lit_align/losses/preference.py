@@ -1,10 +1,10 @@
-"""Alignment losses as pure functions of log-probabilities (torch only, no Lightning).
+"""Sequence-level alignment losses as pure functions of log-probabilities (torch only, no Lightning).
 
 Conventions shared by every function here:
 
 * Log-probabilities are **sequence-summed** over the completion tokens,
   ``log π(y|x) = Σ_t log π(y_t|x, y_<t)``, one value per example, shape ``[B]``. The caller does the
-  token masking (see :func:`masked_mean` for the token-level helper).
+  token masking (see :func:`~lit_align.losses.masked.masked_mean` for the token-level helper).
 * Losses are returned **per example** (shape ``[B]``, not reduced) so the caller decides how to reduce
   (mean, weighted mean, gathered mean under DDP, ...).
 * Implicit rewards are returned **detached**: they are for logging / accuracy metrics only.
@@ -31,7 +31,6 @@ from torch import Tensor
 __all__ = [
     "LossOutput",
     "KTOOutput",
-    "masked_mean",
     "dpo_sigmoid_loss",
     "ipo_loss",
     "hinge_loss",
@@ -43,8 +42,6 @@ __all__ = [
     "PREFERENCE_LOSSES",
     "REFERENCE_FREE_LOSSES",
     "preference_loss",
-    "margin_coefficients",
-    "kto_margin_coefficients",
 ]
 
 
@@ -79,71 +76,14 @@ class KTOOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def masked_mean(values: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
-    """Mean of ``values`` over the positions where ``mask`` is non-zero: ``Σ(values·mask) / Σ(mask)``.
-
-    Args:
-        values: any floating tensor.
-        mask: bool or numeric tensor broadcastable to ``values``; numeric masks act as weights.
-        dim: dimension(s) to reduce; ``None`` reduces everything to a scalar.
-
-    Returns:
-        The masked mean, in ``values.dtype``. Where the mask sums to 0 (e.g. an empty completion, or a batch
-        with no valid tokens) the result is **0** rather than NaN, and no gradient NaNs are produced.
-
-    Masked-out positions are *selected away* (``torch.where``) rather than only multiplied by 0, so ``-inf`` /
-    ``NaN`` values at padding positions (common for log-probs of pad tokens) do not poison the result.
-    """
-    mask = torch.broadcast_to(mask, values.shape)
-    keep = mask != 0
-    weights = mask.to(values.dtype)
-    masked = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device)) * weights
-    if dim is None:
-        numerator, denominator = masked.sum(), weights.sum()
-    else:
-        numerator, denominator = masked.sum(dim=dim), weights.sum(dim=dim)
-    nonempty = denominator != 0
-    safe_denominator = torch.where(nonempty, denominator, torch.ones_like(denominator))
-    return torch.where(nonempty, numerator / safe_denominator, torch.zeros_like(numerator))
-
-
-SumAcrossRanks = Callable[[Tensor], Tensor]
-
-
-def masked_mean_var(
-    values: Tensor, mask: Tensor, unbiased: bool = True, sum_across_ranks: SumAcrossRanks | None = None
-) -> tuple[Tensor, Tensor]:
-    """Mean and variance over the masked entries (Bessel-corrected by default, as TRL's ``masked_var``).
-
-    ``sum_across_ranks`` (e.g. ``AlignmentModule.sum_across_ranks``) makes both statistics those of the masked
-    entries of *all* ranks, so whitening under DDP/FSDP equals whitening the global batch in one process (TRL
-    whitens each rank's batch on its own)."""
-    total = _identity if sum_across_ranks is None else sum_across_ranks
-    mask = mask.to(values.dtype)
-    sums = total(torch.stack([(values * mask).sum(), mask.sum()]))
-    mean, count = sums[0] / sums[1].clamp_min(1), sums[1]
-    variance = total(((values - mean) ** 2 * mask).sum()) / count.clamp_min(1)
-    if unbiased:
-        if count < 2:
-            raise ValueError("an unbiased masked variance needs at least 2 unmasked entries")
-        variance = variance * count / (count - 1)
-    return mean, variance
-
-
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
-
-
 def _check_beta(beta: float) -> None:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
 
 
-def _check_label_smoothing(label_smoothing: float, upper: float = 1.0, inclusive: bool = True) -> None:
-    ok = 0.0 <= label_smoothing <= upper if inclusive else 0.0 <= label_smoothing < upper
-    if not ok:
-        bracket = "]" if inclusive else ")"
-        raise ValueError(f"label_smoothing must be in [0, {upper}{bracket}, got {label_smoothing}")
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1.0], got {label_smoothing}")
 
 
 def _as_lengths(lengths: Tensor | int | float, like: Tensor) -> Tensor:
@@ -530,162 +470,3 @@ def preference_loss(
     if loss_type == "simpo":
         kwargs["gamma"] = gamma
     return fn(**kwargs)
-
-
-# ---- effective margin coefficients (gradient entanglement; Yuan et al. 2024) ----------------------------------
-
-
-def margin_coefficients(
-    loss_type: str,
-    *,
-    beta: float,
-    chosen_lengths: Tensor,
-    rejected_lengths: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Effective margin coefficients ``(c_w, c_l)`` of a pairwise loss, per pair.
-
-    Every pairwise loss here is ``L = ℓ(m)`` with ``m = c_w·log π(y_w|x) − c_l·log π(y_l|x) + (θ-free terms)``, so
-    its gradient is ``ℓ'(m)·(c_w·g_w − c_l·g_l)`` with ``g = ∇_θ log π(y|x)``. One small step of size ``η`` on one
-    pair then moves the log-probs by (first order, Yuan et al. 2024, "A Common Pitfall of Margin-based Language
-    Model Alignment: Gradient Entanglement", Sec. 3)::
-
-        Δ log π_w = −η·ℓ'(m)·(c_w·‖g_w‖² − c_l·⟨g_w, g_l⟩)
-        Δ log π_l = −η·ℓ'(m)·(c_w·⟨g_w, g_l⟩ − c_l·‖g_l‖²)
-
-    With ``−ℓ'(m) > 0`` (the loss still wants a larger margin) the chosen log-prob rises iff
-    ``⟨g_w, g_l⟩ < (c_w/c_l)·‖g_w‖²`` and the rejected one falls iff ``⟨g_w, g_l⟩ < (c_l/c_w)·‖g_l‖²``.
-
-    =========  ====================================  ===============  ===============  ===========================
-    loss_type  margin m                              c_w              c_l              ℓ(m)
-    =========  ====================================  ===============  ===============  ===========================
-    sigmoid    β·(Δ_w − Δ_l), Δ = log π − log π_ref  β                β                −log σ(m) (cDPO: smoothed)
-    robust     β·(Δ_w − Δ_l)                         β                β                rDPO's unbiased mix
-    hinge      β·(Δ_w − Δ_l)                         β                β                relu(1 − m); ℓ' = 0 past 1
-    ipo        Δ_w/|y_w| − Δ_l/|y_l|                 1/|y_w|          1/|y_l|          (m − 1/(2β))²; ℓ' > 0 past
-                                                                                       the target: both moves flip
-    simpo      β·log π_w/|y_w| − β·log π_l/|y_l|     β/|y_w|          β/|y_l|          −log σ(m − γ)
-    KTO        none (unpaired): see                  λ_D·β·σ(x_w)     λ_U·β·σ(x_l)     see kto_margin_coefficients
-               :func:`kto_margin_coefficients`       ·σ(−x_w)         ·σ(−x_l)
-    =========  ====================================  ===============  ===============  ===========================
-
-    For the reference-based losses the reference terms are θ-free, so only the policy log-probs carry
-    ``c``; for DPO the condition is the paper's ``⟨g_w, g_l⟩ < min(‖g_w‖², ‖g_l‖²)``. SimPO's and IPO's
-    length weights make it asymmetric: a long chosen answer (small ``c_w``) is more likely to fall.
-
-    Args:
-        loss_type: a key of :data:`PREFERENCE_LOSSES`.
-        beta: the loss's β; chosen_lengths / rejected_lengths: completion token counts ``[B]`` (clamped to >= 1).
-
-    Returns:
-        ``(c_w, c_l)``, each ``[B]``, in the dtype of ``chosen_lengths`` if floating, else float32.
-    """
-    if loss_type not in PREFERENCE_LOSSES:
-        raise ValueError(f"Unknown preference loss_type {loss_type!r}; valid names are: {sorted(PREFERENCE_LOSSES)}")
-    dtype = chosen_lengths.dtype if chosen_lengths.is_floating_point() else torch.float32
-    chosen = torch.as_tensor(chosen_lengths, dtype=dtype).clamp_min(1)
-    rejected = torch.as_tensor(rejected_lengths, dtype=dtype, device=chosen.device).clamp_min(1)
-    if loss_type == "ipo":
-        return 1.0 / chosen, 1.0 / rejected
-    if loss_type == "simpo":
-        return beta / chosen, beta / rejected
-    return torch.full_like(chosen, beta), torch.full_like(rejected, beta)
-
-
-def kto_margin_coefficients(
-    chosen_logratios: Tensor,
-    rejected_logratios: Tensor,
-    reference_point: Tensor | float,
-    beta: float,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """KTO's ``(c_w, c_l)`` for a desirable ``y_w`` and an undesirable ``y_l`` of one prompt (see :func:`kto_loss`).
-
-    KTO has no margin, but the same first-order analysis applies to the sum of the two rows' losses. With
-    ``r = log π − log π_ref``, ``x_w = β·(r_w − z)`` and ``x_l = β·(z − r_l)`` (``z`` detached)::
-
-        ∂/∂log π_w  λ_D·σ(−x_w) = −λ_D·β·σ(x_w)·σ(−x_w)  =: −c_w
-        ∂/∂log π_l  λ_U·σ(−x_l) = +λ_U·β·σ(x_l)·σ(−x_l)  =: +c_l
-
-    so a step moves the log-probs as in :func:`margin_coefficients` with ``−ℓ' = 1``. The coefficients depend on
-    the current rewards: a row far past ``z`` stops pulling, which makes ``c_w/c_l`` drift during training.
-    """
-    z = torch.as_tensor(reference_point, dtype=chosen_logratios.dtype, device=chosen_logratios.device)
-    x_w = beta * (chosen_logratios - z)
-    x_l = beta * (z - rejected_logratios)
-    c_w = desirable_weight * beta * torch.sigmoid(x_w) * torch.sigmoid(-x_w)
-    c_l = undesirable_weight * beta * torch.sigmoid(x_l) * torch.sigmoid(-x_l)
-    return c_w, c_l
-
-
-# ---- policy-gradient losses (PPO; Schulman et al. 2017) -------------------------------------------------------
-
-
-class ClippedLossOutput(NamedTuple):
-    """A masked-mean clipped loss and the fraction of tokens where the clipped branch was active."""
-
-    loss: Tensor
-    clipfrac: Tensor
-
-
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
-    """Per-token estimate of KL(π‖π_ref) from samples of π (Schulman 2020, "Approximating KL divergence").
-
-    With ``log r = log π_ref − log π``: ``k1 = −log r`` (unbiased, can be negative) and
-    ``k3 = (r − 1) − log r`` (unbiased, always ≥ 0, lower variance). TRL's ``kl_estimator`` names.
-    """
-    log_ratio = ref_logprobs - logprobs
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k3":
-        return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"unknown KL estimator '{estimator}'; choose 'k1' or 'k3'")
-
-
-def clipped_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
-) -> ClippedLossOutput:
-    """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7), negated for minimisation, token-level masked mean:
-    ``L = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)))`` with ``ρ = exp(log π − log π_old)``."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    return ClippedLossOutput(loss, masked_mean((clipped > unclipped).float(), mask).detach())
-
-
-def clipped_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float = 0.2
-) -> ClippedLossOutput:
-    """Clipped value loss of PPO's reference implementation (as in TRL and OpenAI baselines):
-    ``L = ½·mean(max((V − R)², (clip(V, V_old ± ε_v) − R)²))``."""
-    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    unclipped_error = (values - returns) ** 2
-    clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
-    return ClippedLossOutput(loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach())
-
-
-def dpg_loss(
-    policy_logps: Tensor,
-    target_logps: Tensor,
-    proposal_logps: Tensor,
-    z: Tensor | float = 1.0,
-    baseline: bool = False,
-    clip_weights: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Distributional policy gradient, per sample: −A(x)·log π(x) for x ~ q, with sequence log-probs.
-
-    KL-DPG (Khalifa et al. 2021, Eq. 4, off-policy): A = P(x)/q(x), an unbiased estimate of ∇ CE(p, π) up to 1/Z.
-    GDC++ (Korbak et al. 2022, Fact 2): A = P(x)/q(x) − Ẑ·π(x)/q(x), the baseline Ẑ·π/q has zero mean under q.
-    ``target_logps`` = log P(x) (−inf where P = 0); ``clip_weights`` caps P/q (off by default).
-    Returns (loss [B], advantage [B]).
-    """
-    weights = torch.exp(target_logps.double() - proposal_logps.double())
-    if clip_weights is not None:
-        weights = weights.clamp(max=clip_weights)
-    advantage = weights
-    if baseline:
-        advantage = weights - float(z) * torch.exp(policy_logps.detach().double() - proposal_logps.double())
-    advantage = advantage.to(policy_logps.dtype)
-    return -advantage * policy_logps, advantage

@@ -1,0 +1,63 @@
+"""Sampling from a causal LM and the masks and texts of what was sampled (shared by PPO, GRPO and distribution
+matching). Sharding concerns (synced forward calls, gathered weights) are handled by
+``AlignmentModule.generate_responses``, which calls :func:`sample_responses`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig
+
+
+@torch.no_grad()
+def sample_responses(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    synced_gpus: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample responses to left-padded prompts; returns (sequences, attention mask, response mask up to and
+    including the first EOS). ``synced_gpus`` keeps FSDP ranks in lockstep until every rank is done."""
+    eos = tokenizer.eos_token_id
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        use_cache=True,
+    )
+    sequences = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced_gpus
+    )
+    responses = sequences[:, prompt_ids.shape[1] :]
+    response_mask = responses_until_eos(responses, eos)
+    return sequences, torch.cat([prompt_mask, response_mask], dim=1), response_mask
+
+
+def responses_until_eos(responses: Tensor, eos_token_id: int) -> Tensor:
+    """1 for every response token up to and including the first EOS (all tokens when there is none)."""
+    is_eos = responses == eos_token_id
+    positions = torch.arange(responses.shape[1], device=responses.device)
+    first_eos = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1] - 1)
+    return (positions[None, :] <= first_eos[:, None]).long()
+
+
+def decode_responses(
+    tokenizer, sequences: Tensor, prompt_width: int, response_mask: Tensor
+) -> tuple[list[str], list[str]]:
+    """The prompt as the model saw it (after truncation, padding removed) and the response up to EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = tokenizer.batch_decode(sequences[:, :prompt_width], skip_special_tokens=True)
+    responses = sequences[:, prompt_width:].masked_fill(response_mask == 0, pad)
+    return prompts, tokenizer.batch_decode(responses, skip_special_tokens=True)
