@@ -4,7 +4,7 @@ Gradient Entanglement", Sec. 3-4).
 A margin loss only asks log π(y_w) − log π(y_l) to grow. Whether each side moves the intended way depends on the
 per-pair gradients g_w = ∇ log π(y_w|x), g_l = ∇ log π(y_l|x) and the loss's margin coefficients (c_w, c_l):
 the chosen log-prob falls when c_l·⟨g_w,g_l⟩ > c_w·‖g_w‖², the rejected one rises when c_w·⟨g_w,g_l⟩ > c_l·‖g_l‖²
-(``lit_align.losses.margin_coefficients``). Every ``every_n_steps`` this callback measures, on a fixed probe set of
+(``lit_align.gradients.margin_coefficients``). Every ``every_n_steps`` this callback measures, on a fixed probe set of
 pairs, the exact per-pair inner products and norms, and logs under ``entanglement/``:
 
 * ``inner``, ``cosine``, ``norm_sq_chosen``, ``norm_sq_rejected`` (means over the probe pairs);

@@ -1,6 +1,15 @@
-"""One LightningDataModule per benchmark, all on ``BenchmarkDataModule`` (see ``datamodules/base.py``)."""
+"""One LightningDataModule per benchmark, all on ``BenchmarkDataModule`` (see ``datamodules/base.py``).
 
-from datamodules.base import (
+Layout: ``keys.py`` (batch key names and data modes — the only module ``lit_align`` and ``callbacks`` import),
+``readers.py`` (raw rows and their validation errors), ``collation.py`` (tokenization, padding, batches),
+``base.py`` (``BenchmarkDataModule``: splits, data modes, the ``attach`` hand-off, loaders), one file per benchmark.
+"""
+
+from datamodules.base import BenchmarkDataModule, NotAttachedError
+from datamodules.controlled import ControlledGenerationDataModule
+from datamodules.hh import HHDataModule
+from datamodules.imdb import IMDBDataModule
+from datamodules.keys import (
     ATTENTION_MASK,
     CHOSEN,
     CHOSEN_ATTENTION_MASK,
@@ -25,14 +34,9 @@ from datamodules.base import (
     REJECTED_INPUT_IDS,
     SPLITS,
     TEXT,
-    BenchmarkDataModule,
-    DataValidationError,
-    SkipRow,
 )
-from datamodules.controlled import ControlledGenerationDataModule
-from datamodules.hh import HHDataModule
-from datamodules.imdb import IMDBDataModule
 from datamodules.multi30k import PivotTranslationDataModule
+from datamodules.readers import DataValidationError, SkipRow
 from datamodules.stackexchange import StackExchangeDataModule
 from datamodules.tldr import TLDRDataModule
 from datamodules.ultrafeedback import UltraFeedbackDataModule
@@ -67,6 +71,7 @@ __all__ = [
     "DataValidationError",
     "HHDataModule",
     "IMDBDataModule",
+    "NotAttachedError",
     "PivotTranslationDataModule",
     "SkipRow",
     "StackExchangeDataModule",

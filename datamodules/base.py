@@ -1,7 +1,9 @@
-"""The base class of every benchmark DataModule: validation, data modes, tokenization, truncation, collation.
+"""``BenchmarkDataModule``: the base class of every benchmark DataModule — loading, data modes, the attach hand-off,
+loaders.
 
-A benchmark subclass only reads raw rows (``read_split``) and maps each row to a canonical record of its
-native mode (``parse_row``). Everything else happens here, for whichever mode the attached module asks:
+A benchmark subclass only reads raw rows (``read_split``) and maps each row to a canonical record of its native mode
+(``parse_row``, with the checks of ``datamodules/readers.py``). Everything else happens here, for whichever mode the
+attached module asks:
 
 ========== ======================================= ==============================================
 mode       canonical record                        derived from a ``pair`` record
@@ -13,289 +15,136 @@ unpaired   ``{prompt, completion, label: bool}``   ``(prompt, chosen, True)``,
 text       ``{text}`` or ``{prompt, completion}``  ``{prompt, completion=chosen}``
 ========== ======================================= ==============================================
 
-Tokenization is ``tokenizer(text, add_special_tokens=False)``; completions (and ``{text}`` records) get
-``tokenizer.eos_token_id`` appended, prompts do not. Prompt and completion are tokenized separately and
-concatenated, so a completion mask marks exactly the completion's own tokens. Truncation keeps the prompt's
-*tail* (at most ``max_prompt_length`` tokens) and then the completion's *head* (prompt + completion ≤
-``max_length``; the EOS is dropped when it does not fit). Truncated rows are counted per split in
-``truncation_stats``; skipped rows in ``skip_stats``; rows dropped to avoid size-1 unpaired batches in
-``dropped_rows``. Every count is also logged.
+Lifecycle (the *attach contract*):
 
-The string lists in a batch hold the untruncated text of each record.
+1. ``setup(stage)`` — Lightning calls it *before* ``LightningModule.setup``. It reads and validates the raw rows of
+   both splits and builds the native records (holdout, limits, skips); no tokenizer is needed, so bad data fails
+   here, before any model is built. Benchmarks whose records depend on the tokenizer (``parse_needs_tokenizer``: a
+   chat template, a BOS prompt) only read their files here and parse them on first use after ``attach``.
+2. ``attach(tokenizer, data_mode)`` — the one explicit hand-off from the module (``AlignmentModule.setup`` calls
+   ``trainer.datamodule.attach(self.tokenizer, self.data_mode)``; without a Trainer, call it yourself). The
+   DataModule's own ``mode=`` argument wins over the attached ``data_mode``.
+3. First use (``dataset``, ``dataloader``, ``probe_batch``, ``train_dataloader``, …) derives the mode's records and
+   tokenizes both splits (``datamodules/collation.py``), once per (tokenizer, mode): repeated calls, and re-attaching
+   the same tokenizer and mode, reuse the datasets. Using a DataModule that was never attached raises
+   ``NotAttachedError``.
+
+Tokenization and truncation are described in ``datamodules/collation.py``. Truncated rows are counted per split in
+``truncation_stats``; skipped rows in ``skip_stats``; rows dropped to avoid size-1 unpaired batches in
+``dropped_rows``. Every count is also logged. The string lists in a batch hold the untruncated text of each record.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import random
+import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-# ---- canonical batch keys (import these, never spell the strings) --------------------------------
-PROMPT_INPUT_IDS = "prompt_input_ids"
-PROMPT_ATTENTION_MASK = "prompt_attention_mask"
-CHOSEN_INPUT_IDS = "chosen_input_ids"
-CHOSEN_ATTENTION_MASK = "chosen_attention_mask"
-CHOSEN_COMPLETION_MASK = "chosen_completion_mask"
-REJECTED_INPUT_IDS = "rejected_input_ids"
-REJECTED_ATTENTION_MASK = "rejected_attention_mask"
-REJECTED_COMPLETION_MASK = "rejected_completion_mask"
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
-COMPLETION_MASK = "completion_mask"
-LABEL = "label"
-KL_INPUT_IDS = "kl_input_ids"
-KL_ATTENTION_MASK = "kl_attention_mask"
-KL_COMPLETION_MASK = "kl_completion_mask"
-INDEX = "index"  # LongTensor [B]: position of the record in its split's dataset (stable across epochs)
-# string lists carried in batches
-PROMPT = "prompt"
-CHOSEN = "chosen"
-REJECTED = "rejected"
-COMPLETION = "completion"
-REFERENCE = "reference"
-TEXT = "text"
+from datamodules.collation import Collator, TokenizedDataset, tokenize_records
+from datamodules.keys import (
+    ATTENTION_MASK,
+    CHOSEN,
+    CHOSEN_ATTENTION_MASK,
+    CHOSEN_COMPLETION_MASK,
+    CHOSEN_INPUT_IDS,
+    COMPLETION,
+    COMPLETION_MASK,
+    DATA_MODES,
+    INDEX,
+    INPUT_IDS,
+    KL_ATTENTION_MASK,
+    KL_COMPLETION_MASK,
+    KL_INPUT_IDS,
+    LABEL,
+    PROMPT,
+    PROMPT_ATTENTION_MASK,
+    PROMPT_INPUT_IDS,
+    REFERENCE,
+    REJECTED,
+    REJECTED_ATTENTION_MASK,
+    REJECTED_COMPLETION_MASK,
+    REJECTED_INPUT_IDS,
+    SPLITS,
+    TEXT,
+)
+from datamodules.readers import (
+    DataValidationError,
+    RawRow,
+    SkipRow,
+    read_hub,
+    read_json_file,
+    require_str,
+    require_type,
+)
 
-DATA_MODES = ("prompt", "pair", "unpaired", "text")
-SPLITS = ("train", "val")  # the roles a datamodule serves; "validation" and "test" are accepted as "val"
+# The batch keys, readers and collation names stay importable from here (``from datamodules.base import X``).
+__all__ = [
+    "ATTENTION_MASK",
+    "CHOSEN",
+    "CHOSEN_ATTENTION_MASK",
+    "CHOSEN_COMPLETION_MASK",
+    "CHOSEN_INPUT_IDS",
+    "COMPLETION",
+    "COMPLETION_MASK",
+    "DATA_MODES",
+    "INDEX",
+    "INPUT_IDS",
+    "KL_ATTENTION_MASK",
+    "KL_COMPLETION_MASK",
+    "KL_INPUT_IDS",
+    "LABEL",
+    "PROMPT",
+    "PROMPT_ATTENTION_MASK",
+    "PROMPT_INPUT_IDS",
+    "REFERENCE",
+    "REJECTED",
+    "REJECTED_ATTENTION_MASK",
+    "REJECTED_COMPLETION_MASK",
+    "REJECTED_INPUT_IDS",
+    "SPLITS",
+    "TEXT",
+    "BenchmarkDataModule",
+    "Collator",
+    "DataValidationError",
+    "NotAttachedError",
+    "RawRow",
+    "SkipRow",
+    "TokenizedDataset",
+    "read_hub",
+    "read_json_file",
+    "require_str",
+    "require_type",
+]
 
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "val"}
 
 
-class DataValidationError(ValueError):
-    """A raw row (or file) is malformed; the message names the file, the 1-based row number and the field."""
-
-
-class SkipRow(Exception):
-    """Raised by ``parse_row`` for a valid row that is unusable by design; counted and logged by reason."""
-
-
-# ---- validation helpers for subclasses -----------------------------------------------------------
-
-
-def _type_name(value: Any) -> str:
-    return "missing or null" if value is None else type(value).__name__
-
-
-def require_str(row: dict, field: str, where: str, name: str | None = None) -> str:
-    """Return ``row[field]`` if it is a non-empty string, else raise a ``DataValidationError`` naming the
-    field (as ``name`` if given, e.g. ``"info.post"`` for a nested field)."""
-    value = row.get(field) if isinstance(row, dict) else None
-    if not isinstance(value, str) or value == "":
-        got = "an empty string" if value == "" else _type_name(value)
-        raise DataValidationError(f"{where}: field '{name or field}': expected a non-empty string, got {got}")
-    return value
-
-
-def require_type(
-    row: dict, field: str, where: str, kind: type | tuple[type, ...], what: str, name: str | None = None
-) -> Any:
-    """Return ``row[field]`` if it is an instance of ``kind`` (bools never count as ints), else raise."""
-    value = row.get(field) if isinstance(row, dict) else None
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-        raise DataValidationError(f"{where}: field '{name or field}': expected {what}, got {_type_name(value)}")
-    return value
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-# ---- reading raw rows ----------------------------------------------------------------------------
-
-
-RawRow = tuple[str, int, dict]  # (source: file path or hub id[split], 1-based row number, row)
-
-
-def read_json_file(path: str) -> Iterator[RawRow]:
-    """Yield ``(path, row_number, row)`` from a local ``.jsonl`` / ``.jsonl.gz`` via ``datasets``.
-
-    If ``datasets`` cannot read the file (bad JSON), or a field's type differs between rows, the file is
-    re-read line by line with ``json``: a bad line is reported by row number, and the rows are validated with
-    their types exactly as written, so a wrong type gets a row-and-field message.
-    """
-    import datasets
-
-    try:
-        data = datasets.load_dataset("json", data_files=path, split="train")
-    except Exception as err:  # noqa: BLE001 — any reader failure becomes a message naming the file
-        numbered = _read_json_lines(path, err)
-    else:
-        # Types that differ between rows make `datasets` fall back to a lossy `Json` feature (it turns the
-        # string "1" into the int 1); re-read such files exactly, so validation sees the types as written.
-        mixed = "Json(" in repr(data.features)
-        numbered = _read_json_lines(path, None) if mixed else list(enumerate(data.to_list(), start=1))
-    for number, row in numbered:
-        yield path, number, row
-
-
-def _read_json_lines(path: str, cause: Exception | None) -> list[tuple[int, dict]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataValidationError(f"{path}: row {number}: invalid JSON: {err}") from err
-                if not isinstance(row, dict):
-                    raise DataValidationError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
-                rows.append((number, row))
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise DataValidationError(f"{path}: cannot read as JSON lines: {err}") from err
-    if not rows:
-        raise DataValidationError(f"{path}: cannot read as JSON lines: {cause or 'no rows'}") from cause
-    return rows
-
-
-def read_hub(hub_id: str, split: str, **kwargs: Any) -> Iterator[RawRow]:
-    """Yield ``(f"{hub_id}[{split}]", row_number, row)`` from a Hugging Face Hub dataset."""
-    import datasets
-
-    try:
-        data = datasets.load_dataset(hub_id, split=split, **kwargs)
-    except Exception as err:  # noqa: BLE001
-        raise DataValidationError(
-            f"{hub_id}: cannot load split '{split}' ({kwargs or 'default config'}) from the Hub: {err}. "
-            "Offline? Pass data_path= a local directory or file instead."
-        ) from err
-    source = f"{hub_id}[{split}]" + (f"{{{', '.join(f'{k}={v}' for k, v in kwargs.items())}}}" if kwargs else "")
-    for number, row in enumerate(data, start=1):
-        yield source, number, row
-
-
-# ---- tokenized datasets and collation ------------------------------------------------------------
-
-
-class TokenizedDataset(Dataset):
-    """Tokenized examples of one split in one mode; item ``i`` carries ``index = i``.
-
-    ``records`` holds the canonical records (before tokenization) in the same order.
-    """
-
-    def __init__(self, items: list[dict], records: list[dict], mode: str):
-        self.items, self.records, self.mode = items, records, mode
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return {**self.items[i], INDEX: i}
-
-
-def _right_pad(
-    prefixes: Sequence[list[int]], suffixes: Sequence[list[int]], pad_id: int, length: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad ``prefix + suffix`` rows; returns ids, attention mask, and a mask of the suffix tokens."""
-    lengths = [len(p) + len(s) for p, s in zip(prefixes, suffixes, strict=True)]
-    width = max(lengths) if length is None else length
-    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(lengths), width), dtype=torch.long)
-    completion = torch.zeros((len(lengths), width), dtype=torch.long)
-    for i, (p, s) in enumerate(zip(prefixes, suffixes, strict=True)):
-        ids[i, : lengths[i]] = torch.tensor(p + s, dtype=torch.long)
-        attention[i, : lengths[i]] = 1
-        completion[i, len(p) : lengths[i]] = 1
-    return ids, attention, completion
-
-
-def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            attention[i, width - len(s) :] = 1
-    return ids, attention
-
-
-class Collator:
-    """Pads a list of tokenized items into a batch for one data mode (a picklable callable for workers)."""
-
-    def __init__(self, mode: str, pad_id: int, max_length: int):
-        self.mode, self.pad_id, self.max_length = mode, pad_id, max_length
-
-    def __call__(self, items: list[dict]) -> dict[str, Any]:
-        batch: dict[str, Any] = {INDEX: torch.tensor([it[INDEX] for it in items], dtype=torch.long)}
-        prompts = [it["prompt_ids"] for it in items]
-        if self.mode == "prompt":
-            batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = _left_pad(prompts, self.pad_id)
-            batch[PROMPT] = [it[PROMPT] for it in items]
-            if all(REFERENCE in it for it in items):
-                batch[REFERENCE] = [it[REFERENCE] for it in items]
-            # benchmark-specific strings (e.g. a second-leg reference) travel with the batch too
-            for key in items[0]:
-                if key.startswith(REFERENCE + "_") and all(isinstance(it.get(key), str) for it in items):
-                    batch[key] = [it[key] for it in items]
-        elif self.mode == "pair":
-            chosen, rejected = [it["chosen_ids"] for it in items], [it["rejected_ids"] for it in items]
-            width = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True))
-            batch[CHOSEN_INPUT_IDS], batch[CHOSEN_ATTENTION_MASK], batch[CHOSEN_COMPLETION_MASK] = _right_pad(
-                prompts, chosen, self.pad_id, width
-            )
-            batch[REJECTED_INPUT_IDS], batch[REJECTED_ATTENTION_MASK], batch[REJECTED_COMPLETION_MASK] = _right_pad(
-                prompts, rejected, self.pad_id, width
-            )
-            for key in (PROMPT, CHOSEN, REJECTED):
-                batch[key] = [it[key] for it in items]
-        elif self.mode == "unpaired":
-            if len(items) < 2:
-                raise ValueError(
-                    f"KTO-style unpaired batches need >= 2 rows to build mismatched KL pairs "
-                    f"(prompt_i, completion_(i-1)); got a batch of {len(items)}. Use batch_size >= 2 "
-                    "(the datamodule's loaders drop a final batch of one row)."
-                )
-            completions = [it["completion_ids"] for it in items]
-            batch[INPUT_IDS], batch[ATTENTION_MASK], batch[COMPLETION_MASK] = _right_pad(
-                prompts, completions, self.pad_id
-            )
-            batch[LABEL] = torch.tensor([it[LABEL] for it in items], dtype=torch.bool)
-            # KL example i = (prompt_i, completion_{i-1}), cut to fit max_length after prompt_i (TRL's
-            # construction).
-            rotated = [completions[i - 1][: self.max_length - len(prompts[i])] for i in range(len(items))]
-            batch[KL_INPUT_IDS], batch[KL_ATTENTION_MASK], batch[KL_COMPLETION_MASK] = _right_pad(
-                prompts, rotated, self.pad_id
-            )
-            batch[PROMPT] = [it[PROMPT] for it in items]
-            batch[COMPLETION] = [it[COMPLETION] for it in items]
-        elif self.mode == "text":
-            completions = [it["completion_ids"] for it in items]
-            batch[INPUT_IDS], batch[ATTENTION_MASK], batch[COMPLETION_MASK] = _right_pad(
-                prompts, completions, self.pad_id
-            )
-            batch[TEXT] = [it[TEXT] for it in items]
-            if all(PROMPT in it for it in items):
-                batch[PROMPT] = [it[PROMPT] for it in items]
-                batch[COMPLETION] = [it[COMPLETION] for it in items]
-        else:  # pragma: no cover — modes are validated in setup
-            raise ValueError(f"unknown data mode {self.mode!r}; expected one of {DATA_MODES}")
-        return batch
-
-
-# ---- the base DataModule -------------------------------------------------------------------------
+class NotAttachedError(ValueError):
+    """The DataModule needs a tokenizer (and a data mode) that nobody attached."""
 
 
 class BenchmarkDataModule(LightningDataModule):
     """Base class of every benchmark: loads, validates, derives the requested mode, tokenizes and collates.
 
     Subclasses set ``native_mode`` / ``default_data_path`` and implement ``parse_row`` (and, if their files
-    are not ``<data_path>/<split>.jsonl(.gz)`` or a plain Hub split, ``read_split``).
+    are not ``<data_path>/<split>.jsonl(.gz)`` or a plain Hub split, ``read_split``). A ``parse_row`` that reads
+    ``self.tokenizer`` must set ``parse_needs_tokenizer = True``. Without a Trainer::
+
+        dm = HHDataModule(...).attach(tokenizer, "pair")
+        batch = next(iter(dm.train_dataloader()))
     """
 
     native_mode: ClassVar[str] = "pair"
     default_data_path: ClassVar[str | None] = None
+    parse_needs_tokenizer: ClassVar[bool] = False  # parse_row reads self.tokenizer (chat template, BOS, ...)
 
     def __init__(
         self,
@@ -313,7 +162,7 @@ class BenchmarkDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
-    ):
+    ) -> None:
         """
         Args:
             data_path: Hub dataset id, local directory or single file (default: the benchmark's Hub id).
@@ -327,7 +176,8 @@ class BenchmarkDataModule(LightningDataModule):
             eval_batch_size: validation batch size (default ``batch_size``).
             max_length: maximum prompt + completion tokens (completion head kept).
             max_prompt_length: maximum prompt tokens (tail kept); must be < ``max_length``.
-            mode: data mode (one of ``DATA_MODES``); overrides the attached module's ``data_mode``.
+            mode: data mode (one of ``DATA_MODES``); wins over the ``data_mode`` given to ``attach`` (i.e. over the
+                attached LightningModule's ``data_mode``).
             num_workers: DataLoader workers.
             seed: seed of every shuffle here (holdout, limits, unpaired order, train loader).
             shuffle: shuffle the train loader.
@@ -352,11 +202,13 @@ class BenchmarkDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.mode, self.num_workers, self.seed, self.shuffle = mode, num_workers, seed, shuffle
-        self.tokenizer: Any = None
-        self._configured_mode: str | None = None
-        self._datasets: dict[str, TokenizedDataset] = {}
-        self._setup_key: tuple | None = None
+        self._tokenizer: Any = None
+        self._attached_mode: str | None = None
         self._raw_cache: dict[str, list[RawRow]] = {}
+        self._native: tuple[list[dict], list[dict] | None] | None = None  # native records (train, val)
+        self._native_key: int | None = None  # id of the tokenizer they were parsed with (parse_needs_tokenizer)
+        self._datasets: dict[str, TokenizedDataset] = {}
+        self._built_key: tuple[int, str] | None = None  # (id(tokenizer), mode) of ``_datasets``
         self.truncation_stats: dict[str, dict[str, int]] = {}
         self.skip_stats: dict[str, Counter] = {}
         self.dropped_rows: dict[str, int] = {}
@@ -397,57 +249,70 @@ class BenchmarkDataModule(LightningDataModule):
             f"{path}: no {split}.jsonl.gz or {split}.jsonl for split '{split}' (found: {sorted(os.listdir(path))})"
         )
 
-    # ---- configuration ----
+    # ---- the attach hand-off ----
 
-    def configure(self, tokenizer: Any = None, mode: str | None = None) -> BenchmarkDataModule:
-        """Set the tokenizer and/or mode without a Trainer (they then win over the attached module's)."""
-        if mode is not None and mode not in DATA_MODES:
-            raise ValueError(f"mode={mode!r} is not a data mode; expected one of {DATA_MODES}")
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
-        if mode is not None:
-            self._configured_mode = mode
-        return self
+    def attach(self, tokenizer: Any, data_mode: str | None = None) -> BenchmarkDataModule:
+        """Give this DataModule the tokenizer and data mode of the module it feeds; returns ``self``.
 
-    def _resolve(self) -> tuple[Any, str]:
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(module, "tokenizer", None)
+        ``AlignmentModule.setup`` calls it on the trainer's DataModule; call it yourself to use the DataModule
+        without a Trainer. The DataModule's own ``mode=`` wins over ``data_mode`` (``data_mode`` may then be
+        ``None``). Idempotent: the same tokenizer and mode keep the tokenized datasets; another tokenizer or mode
+        rebuilds them on first use.
+        """
         if tokenizer is None:
+            raise NotAttachedError(f"{type(self).__name__}.attach: the tokenizer is None")
+        if data_mode is not None and data_mode not in DATA_MODES:
+            raise ValueError(f"data_mode={data_mode!r} is not a data mode; expected one of {DATA_MODES}")
+        mode = self.mode or data_mode
+        if mode is None:
             raise ValueError(
-                f"{type(self).__name__} has no tokenizer: attach it to a Trainer whose LightningModule has "
-                "`.tokenizer`, or call dm.configure(tokenizer=...) first"
-            )
-        mode = self._configured_mode or self.mode or getattr(module, "data_mode", None)
-        if mode not in DATA_MODES:
-            raise ValueError(
-                f"data mode {mode!r} is not valid; expected one of {DATA_MODES} (from "
-                f"dm.configure(mode=...), "
-                "the datamodule's mode=, or the LightningModule's data_mode)"
+                f"{type(self).__name__}.attach: no data mode (pass data_mode=, one of {DATA_MODES}, or the "
+                "datamodule's mode=)"
             )
         if mode == "unpaired" and min(self.batch_size, self.eval_batch_size) < 2:
             raise ValueError("unpaired (KTO-style) batches need >= 2 rows: set batch_size and eval_batch_size >= 2")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id; completions need an EOS")
-        return tokenizer, mode
+        self._tokenizer, self._attached_mode = tokenizer, data_mode
+        return self
 
-    # ---- setup ----
+    def configure(self, tokenizer: Any, mode: str | None = None) -> BenchmarkDataModule:
+        """Deprecated alias of ``attach(tokenizer, mode)``."""
+        warnings.warn("BenchmarkDataModule.configure is deprecated; use attach", DeprecationWarning, stacklevel=2)
+        return self.attach(tokenizer, mode)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The attached tokenizer; raises ``NotAttachedError`` before ``attach``."""
+        if self._tokenizer is None:
+            raise NotAttachedError(
+                f"{type(self).__name__} has no tokenizer: call dm.attach(tokenizer, data_mode) or fit it with a "
+                "lit-align module (its setup attaches its tokenizer and data_mode)"
+            )
+        return self._tokenizer
+
+    @property
+    def data_mode(self) -> str | None:
+        """The mode batches are built for: the DataModule's ``mode=``, else the attached ``data_mode`` (else None)."""
+        return self.mode or self._attached_mode
+
+    # ---- setup: raw rows and native records (no tokenizer) ----
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, validate, derive the mode's records and tokenize both splits (idempotent)."""
-        tokenizer, mode = self._resolve()
-        key = (id(tokenizer), mode)
-        if self._setup_key == key:
-            return
-        self.tokenizer = tokenizer
-        train, val = self._native_records()
-        rng_seed = self.seed
-        self._datasets = {}
-        for role, records in (("train", train), ("val", val)):
-            if records is None:
-                continue
-            derived = self._derive(records, mode, random.Random(rng_seed))
-            self._datasets[role] = self._tokenize(derived, mode, role)
-        self._setup_key = key
+        """Read and validate the raw rows of both splits and build the native records (idempotent).
+
+        Needs no tokenizer: Lightning runs this before ``LightningModule.setup`` attaches one. With
+        ``parse_needs_tokenizer`` (and nothing attached yet) only the files are read; rows are parsed on first use.
+        """
+        if self.parse_needs_tokenizer and self._tokenizer is None:
+            for split in self._source_splits():
+                self._raw(split)
+        else:
+            self._native_records()
+
+    def _source_splits(self) -> list[str]:
+        with_val = self.holdout == 0 and self.val_split is not None
+        return [self.train_split, self.val_split] if with_val else [self.train_split]
 
     def _raw(self, split: str) -> list[RawRow]:
         if split not in self._raw_cache:
@@ -464,6 +329,10 @@ class BenchmarkDataModule(LightningDataModule):
                 records.append(self.parse_row(row, where))
             except SkipRow as skip:
                 skips[str(skip)] += 1
+            except NotAttachedError as err:
+                raise NotAttachedError(
+                    f"{err}. {type(self).__name__}.parse_row reads the tokenizer: declare parse_needs_tokenizer = True"
+                ) from err
         self.skip_stats[role] = skips
         for reason, count in skips.items():
             rank_zero_info(f"{type(self).__name__}: {role} split '{split}': skipped {count} rows: {reason}")
@@ -472,6 +341,13 @@ class BenchmarkDataModule(LightningDataModule):
         return records
 
     def _native_records(self) -> tuple[list[dict], list[dict] | None]:
+        """(train, val) native records after holdout and limits; parsed once (per tokenizer, if parsing needs it)."""
+        key = id(self.tokenizer) if self.parse_needs_tokenizer else None
+        if self._native is None or self._native_key != key:
+            self._native, self._native_key = self._split_records(), key
+        return self._native
+
+    def _split_records(self) -> tuple[list[dict], list[dict] | None]:
         train = self._parse(self.train_split, "train")
         val = None
         if self.holdout > 0:
@@ -520,76 +396,56 @@ class BenchmarkDataModule(LightningDataModule):
             return [{PROMPT: r[PROMPT], COMPLETION: r[REFERENCE]} for r in records]
         raise ValueError(f"{type(self).__name__} provides {self.native_mode} data; it cannot serve mode {mode!r}")
 
-    # ---- tokenization and truncation ----
+    # ---- first use: derive the mode and tokenize ----
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    def _resolve(self) -> tuple[Any, str]:
+        """The attached tokenizer and the effective mode; ``NotAttachedError`` before ``attach``."""
+        tokenizer = self.tokenizer  # attach() also set a mode: the datamodule's mode= or the attached one
+        return tokenizer, self.data_mode
 
-    def _tokenize(self, records: list[dict], mode: str, role: str) -> TokenizedDataset:
-        eos = self.tokenizer.eos_token_id
-        stats = {"rows": len(records), "prompt_truncated": 0, "completion_truncated": 0}
-        items: list[dict] = []
-        if mode == "text" and TEXT in records[0]:
-            texts = [r[TEXT] for r in records]
-            for text, ids in zip(texts, self._encode(texts), strict=True):
-                ids = ids + [eos]
-                if len(ids) > self.max_length:
-                    ids, stats["completion_truncated"] = (
-                        ids[: self.max_length],
-                        stats["completion_truncated"] + 1,
-                    )
-                items.append({"prompt_ids": [], "completion_ids": ids, TEXT: text})
-        else:
-            prompts = self._encode([r[PROMPT] for r in records])
-            for i, ids in enumerate(prompts):
-                if len(ids) > self.max_prompt_length:
-                    prompts[i] = ids[len(ids) - self.max_prompt_length :]
-                    stats["prompt_truncated"] += 1
-            fields = {"pair": (CHOSEN, REJECTED), "unpaired": (COMPLETION,), "text": (COMPLETION,)}.get(mode, ())
-            encoded = {f: self._encode([r[f] for r in records]) for f in fields}
-            for i, (record, prompt_ids) in enumerate(zip(records, prompts, strict=True)):
-                item = {"prompt_ids": prompt_ids, **record}
-                budget = self.max_length - len(prompt_ids)
-                cut = False
-                for f in fields:
-                    ids = encoded[f][i] + [eos]
-                    cut |= len(ids) > budget
-                    item[f"{f}_ids"] = ids[:budget]
-                stats["completion_truncated"] += cut
-                if mode == "text":
-                    item[TEXT] = record[PROMPT] + record[COMPLETION]
-                items.append(item)
-        self.truncation_stats[role] = stats
+    def _tokenize(self, records: list[dict], mode: str, role: str) -> tuple[TokenizedDataset, dict[str, int]]:
+        data, stats = tokenize_records(records, mode, self.tokenizer, self.max_length, self.max_prompt_length)
         rank_zero_info(
             f"{type(self).__name__}: {role} ({mode}): {stats['rows']} rows, {stats['prompt_truncated']} "
             f"prompt-truncated (> {self.max_prompt_length} tokens, tail kept), "
             f"{stats['completion_truncated']} "
             f"completion-truncated (prompt + completion > {self.max_length} tokens, head kept)"
         )
-        return TokenizedDataset(items, records, mode)
+        return data, stats
+
+    def _build(self) -> dict[str, TokenizedDataset]:
+        """The tokenized datasets for the attached (tokenizer, mode), built on first use and then reused."""
+        tokenizer, mode = self._resolve()
+        key = (id(tokenizer), mode)
+        if self._built_key != key:
+            train, val = self._native_records()
+            datasets = {}
+            for role, records in (("train", train), ("val", val)):
+                if records is None:
+                    continue
+                derived = self._derive(records, mode, random.Random(self.seed))
+                datasets[role], self.truncation_stats[role] = self._tokenize(derived, mode, role)
+            self._datasets, self._built_key = datasets, key
+        return self._datasets
 
     # ---- accessors and loaders ----
-
-    @property
-    def data_mode(self) -> str | None:
-        """The mode the datasets were built for (after ``setup``)."""
-        return self._setup_key[1] if self._setup_key else None
 
     def _role(self, split: str) -> str:
         if split not in _SPLIT_ALIASES:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_ALIASES)}")
-        if self._setup_key is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not run yet")
         return _SPLIT_ALIASES[split]
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``split`` exists (train always; val with ``val_split`` or ``holdout``). Needs no ``attach``."""
+        return self._role(split) == "train" or self.holdout > 0 or self.val_split is not None
 
     def dataset(self, split: str) -> TokenizedDataset:
         """The tokenized dataset of ``split`` ("train" or "val"/"validation"/"test"); item i has index i."""
         role = self._role(split)
-        if role not in self._datasets:
+        datasets = self._build()
+        if role not in datasets:
             raise ValueError(f"{type(self).__name__} has no {role} split (val_split=None and holdout=0)")
-        return self._datasets[role]
+        return datasets[role]
 
     def probe_batch(self, split: str, mode: str, size: int) -> dict[str, Any]:
         """The first ``size`` rows of ``split`` in data mode ``mode``, tokenized and collated into one batch.
@@ -600,7 +456,7 @@ class BenchmarkDataModule(LightningDataModule):
         if mode not in DATA_MODES:
             raise ValueError(f"unknown data mode {mode!r}; expected one of {DATA_MODES}")
         role = self._role(split)
-        if mode == self.data_mode:
+        if mode == self._resolve()[1]:
             data = self.dataset(split)
             items = [data[i] for i in range(min(size, len(data)))]
         else:
@@ -608,31 +464,27 @@ class BenchmarkDataModule(LightningDataModule):
             if records is None:
                 raise ValueError(f"{type(self).__name__} has no {role} split (val_split=None and holdout=0)")
             derived = self._derive(records, mode, random.Random(self.seed))[:size]
-            saved_stats = dict(self.truncation_stats)
-            data = self._tokenize(derived, mode, role)
-            self.truncation_stats = saved_stats  # the probe's truncation must not overwrite the split's counts
+            data, _ = self._tokenize(derived, mode, role)  # the probe's truncation is not the split's
             items = [data[i] for i in range(len(data))]
         if not items:
             raise ValueError(f"{type(self).__name__}: split {split!r} is empty; no probe batch")
         return Collator(mode, self._pad_id(), self.max_length)(items)
-
-    def has_split(self, split: str) -> bool:
-        return self._role(split) in self._datasets
 
     def dataloader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         """A DataLoader over ``split``; unshuffled by default (e.g. to precompute reference log-probs by
         index).
 
         In unpaired mode, a final batch of exactly one row (which cannot form a KL pair) is dropped and
-        counted
-        in ``dropped_rows``; the train loader (``train_dataloader``) always drops its last partial batch.
+        counted in ``dropped_rows``; the train loader (``train_dataloader``) always drops its last partial batch.
         """
         role = self._role(split)
         data = self.dataset(split)
         size = batch_size or (self.batch_size if role == "train" else self.eval_batch_size)
         return self._loader(data, role, shuffle, size, drop_last_partial=False)
 
-    def _loader(self, data: TokenizedDataset, role: str, shuffle: bool, size: int, drop_last_partial: bool):
+    def _loader(
+        self, data: TokenizedDataset, role: str, shuffle: bool, size: int, drop_last_partial: bool
+    ) -> DataLoader:
         drop_last = False
         if data.mode == "unpaired":
             world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1

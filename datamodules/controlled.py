@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from datamodules.base import PROMPT, BenchmarkDataModule, RawRow
+from datamodules.base import BenchmarkDataModule
+from datamodules.keys import PROMPT
+from datamodules.readers import RawRow
 
 SOURCE = "<controlled generation>"
 
@@ -26,6 +28,7 @@ class ControlledGenerationDataModule(BenchmarkDataModule):
     """
 
     native_mode = "prompt"
+    parse_needs_tokenizer = True  # an empty prompt becomes the tokenizer's BOS (or EOS) token
 
     def __init__(self, prompt: str = "", num_train: int = 1024, num_val: int = 64, **kwargs: Any) -> None:
         if num_train < 1 or num_val < 0:

@@ -24,18 +24,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from datamodules.base import (
-    CHOSEN,
-    PROMPT,
-    REJECTED,
-    BenchmarkDataModule,
-    DataValidationError,
-    RawRow,
-    SkipRow,
-    read_hub,
-    read_json_file,
-    require_str,
-)
+from datamodules.base import BenchmarkDataModule
+from datamodules.keys import CHOSEN, PROMPT, REJECTED
+from datamodules.readers import DataValidationError, RawRow, SkipRow, read_hub, read_json_file, require_str
 
 ASSISTANT = "\n\nAssistant:"
 

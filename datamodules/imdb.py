@@ -34,15 +34,9 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from datamodules.base import (
-    PROMPT,
-    REFERENCE,
-    BenchmarkDataModule,
-    RawRow,
-    SkipRow,
-    require_str,
-    require_type,
-)
+from datamodules.base import BenchmarkDataModule
+from datamodules.keys import PROMPT, REFERENCE
+from datamodules.readers import RawRow, SkipRow, require_str, require_type
 
 SHIPPED_OPENERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", "imdb_openers.txt")
 HUB_ID = "stanfordnlp/imdb"

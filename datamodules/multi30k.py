@@ -21,7 +21,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from datamodules.base import PROMPT, REFERENCE, BenchmarkDataModule, DataValidationError, RawRow, SkipRow
+from datamodules.base import BenchmarkDataModule
+from datamodules.keys import PROMPT, REFERENCE
+from datamodules.readers import DataValidationError, RawRow, SkipRow
 
 REFERENCE_DE = REFERENCE + "_de"
 SOURCE = "source"
@@ -52,6 +54,7 @@ class PivotTranslationDataModule(BenchmarkDataModule):
     """
 
     native_mode = "prompt"
+    parse_needs_tokenizer = True  # the prompt uses the tokenizer's chat template
 
     def __init__(
         self, data_path: str | None = None, train_split: str = "train", val_split: str | None = "val", **kwargs

@@ -13,7 +13,9 @@ splits are ``train`` / ``test`` of the default config.
 
 from __future__ import annotations
 
-from datamodules.base import CHOSEN, PROMPT, REJECTED, BenchmarkDataModule, SkipRow, require_str
+from datamodules.base import BenchmarkDataModule
+from datamodules.keys import CHOSEN, PROMPT, REJECTED
+from datamodules.readers import SkipRow, require_str
 
 
 def stackexchange_prompt(question: str) -> str:

@@ -19,11 +19,9 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from datamodules.base import (
-    CHOSEN,
-    PROMPT,
-    REJECTED,
-    BenchmarkDataModule,
+from datamodules.base import BenchmarkDataModule
+from datamodules.keys import CHOSEN, PROMPT, REJECTED
+from datamodules.readers import (
     DataValidationError,
     RawRow,
     SkipRow,

@@ -19,16 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from datamodules.base import (
-    CHOSEN,
-    PROMPT,
-    REJECTED,
-    BenchmarkDataModule,
-    DataValidationError,
-    SkipRow,
-    require_str,
-    require_type,
-)
+from datamodules.base import BenchmarkDataModule
+from datamodules.keys import CHOSEN, PROMPT, REJECTED
+from datamodules.readers import DataValidationError, SkipRow, require_str, require_type
 
 _PLAIN_ROLES = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
 
@@ -42,6 +35,7 @@ class UltraFeedbackDataModule(BenchmarkDataModule):
     """Binarized UltraFeedback preference pairs; prompts use the tokenizer's chat template if it has one."""
 
     default_data_path = "HuggingFaceH4/ultrafeedback_binarized"
+    parse_needs_tokenizer = True  # the prompt uses the tokenizer's chat template when it has one
 
     def __init__(self, train_split: str = "train_prefs", val_split: str | None = "test_prefs", **kwargs: Any):
         """

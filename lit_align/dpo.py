@@ -143,7 +143,7 @@ class DPOModule(AlignmentModule):
         return loss
 
     def pair_margin_coefficients(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """The loss's ``(c_w, c_l)`` on a pair batch (table and derivation: ``losses.margin_coefficients``)."""
+        """The loss's ``(c_w, c_l)`` on a pair batch (table and derivation: ``gradients.margin_coefficients``)."""
         return margin_coefficients(
             self.hparams.loss_type,
             beta=self.hparams.beta,

@@ -114,7 +114,7 @@ class KTOModule(AlignmentModule):
 
     @torch.no_grad()
     def pair_margin_coefficients(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """KTO's ``(c_w, c_l)`` on a pair batch at the latest z_ref (``losses.kto_margin_coefficients``)."""
+        """KTO's ``(c_w, c_l)`` on a pair batch at the latest z_ref (``gradients.kto_margin_coefficients``)."""
         ratios = []
         for side in (
             (CHOSEN_INPUT_IDS, CHOSEN_ATTENTION_MASK, CHOSEN_COMPLETION_MASK),

@@ -18,8 +18,8 @@ ranks (each micro-batch weighted by its share of those tokens); the adaptive KL 
 so β stays equal on every rank. RLOO / GRPO baselines need no reduction: a prompt's k samples live on one rank.
 Sampling differs by rank (each rank draws its own random numbers).
 
-The pure math (GAE, whitening, baselines, the KL controller) comes first; the clipped losses and KL estimators
-live in ``lit_align.losses``.
+The pure math (GAE, baselines, the KL controller) comes first; the clipped losses, KL estimators and masked
+whitening live in ``lit_align.losses``.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ resume from a checkpoint."""
 
 from __future__ import annotations
 
-import lightning as L
+from functools import partial
+
 import pytest
 import torch
+from helpers import fit, hh_pairs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from recording import Recorder, snapshot
 
@@ -14,7 +16,6 @@ from callbacks import ElasticReset, OnlineMerging, ReferenceSoup, ReferenceSync,
 from callbacks.online_merging import ondare_update, onties_update, top_fraction_mask
 from callbacks.weight_interpolation import block_alpha_per_layer
 from callbacks.weights import average_state_dicts, ema_update_, interpolate, layer_index
-from datamodules import HHDataModule
 from lit_align import DPOModule, KTOModule
 from lit_align.models import LoraSettings, load_tokenizer, tiny_llama
 
@@ -69,37 +70,8 @@ def test_ondare_and_onties_merges_match_hand_values():
 # ---- on a real tiny model ---------------------------------------------------------------------------------------
 
 
-def hh_pairs(hh_dir, batch_size: int = 2, rows: int = 4) -> HHDataModule:
-    return HHDataModule(
-        data_path=str(hh_dir),
-        subsets=["helpful-base"],
-        train_split="test",
-        val_split=None,
-        holdout=4,
-        limit_train=rows,
-        batch_size=batch_size,
-        eval_batch_size=4,
-        max_length=40,
-        max_prompt_length=24,
-        shuffle=False,
-    )
-
-
-def fit(module, data, callbacks, max_steps: int = 3, ckpt_path=None, **trainer_kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=trainer_kwargs.pop("limit_val_batches", 0),
-        callbacks=callbacks,
-        **trainer_kwargs,
-    )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return trainer
+# two DPO steps per epoch of 4 training pairs; 4 held-out pairs validate in one batch
+pairs = partial(hh_pairs, batch_size=2, limit_train=4, eval_batch_size=4)
 
 
 def dpo(**kwargs) -> DPOModule:
@@ -109,7 +81,7 @@ def dpo(**kwargs) -> DPOModule:
 def test_elastic_reset_follows_the_ema_and_resets(hh_dir):
     recorder, decay = Recorder(), 0.5
     module = dpo()
-    fit(module, hh_pairs(hh_dir), [recorder, ElasticReset(reset_every=2, decay=decay)], max_steps=3)
+    fit(module, pairs(hh_dir), [recorder, ElasticReset(reset_every=2, decay=decay)], max_steps=3)
     theta0, (theta1, theta2, theta3) = recorder.initial, recorder.after
     for name, parameter in module.policy.named_parameters():
         ema_at_reset = decay * (decay * theta0[name] + (1 - decay) * theta1[name]) + (1 - decay) * theta2[name]
@@ -125,7 +97,7 @@ def test_elastic_reset_follows_the_ema_and_resets(hh_dir):
 def test_elastic_reset_with_the_ema_as_kl_reference(hh_dir):
     recorder, decay = Recorder(), 0.75
     module = dpo()
-    fit(module, hh_pairs(hh_dir), [recorder, ElasticReset(reset_every=3, decay=decay, ema_as_reference=True)], 1)
+    fit(module, pairs(hh_dir), [recorder, ElasticReset(reset_every=3, decay=decay, ema_as_reference=True)], 1)
     assert "elastic_reset_ema" not in module.callback_weights  # the reference is the EMA: no extra copy
     assert "elastic_reset_initial" in module.callback_weights  # so θ_0 needs one
     references = dict(module.reference.named_parameters())
@@ -146,7 +118,7 @@ def test_elastic_reset_on_ppo_counts_every_manual_optimizer_step(hh_dir):
         ppo_epochs=2,
         num_mini_batches=2,
     )
-    fit(module, hh_pairs(hh_dir, batch_size=4, rows=8), [reset], max_steps=8)
+    fit(module, hh_pairs(hh_dir), [reset], max_steps=8)
     assert reset.steps == 8 == module.global_step  # 2 rollouts × 2 epochs × 2 minibatches
     assert any(name.startswith("value_head") for name in reset.weights)  # include_value_head
 
@@ -154,7 +126,7 @@ def test_elastic_reset_on_ppo_counts_every_manual_optimizer_step(hh_dir):
 def test_weight_interpolation_and_hma_at_the_end_of_training(hh_dir, tmp_path):
     recorder = Recorder()
     module = dpo(export_dir=str(tmp_path / "export"))
-    fit(module, hh_pairs(hh_dir), [recorder, WeightInterpolation(alpha=0.5, block_alphas=[0.2, 0.8])], 2)
+    fit(module, pairs(hh_dir), [recorder, WeightInterpolation(alpha=0.5, block_alphas=[0.2, 0.8])], 2)
     theta0, trained = recorder.initial, recorder.after[-1]
     expected = {}
     for name in theta0:
@@ -171,14 +143,14 @@ def test_weight_interpolation_and_hma_at_the_end_of_training(hh_dir, tmp_path):
 def test_interpolation_sweep_logs_one_validation_point_per_alpha(hh_dir):
     sweep = WeightInterpolation(alpha=1.0, sweep=[0.0, 1.0])
     module = dpo()
-    trainer = fit(module, hh_pairs(hh_dir), [sweep], max_steps=2, limit_val_batches=1)
+    trainer = fit(module, pairs(hh_dir), [sweep], max_steps=2, limit_val_batches=1)
     assert [point["interpolation/alpha"] for point in sweep.results] == [0.0, 1.0]
     at_init, trained = sweep.results
     # α = 0 is the initial policy, identical to the reference: DPO's implicit rewards are exactly zero
     assert at_init["eval_rewards/chosen"] == 0.0 and at_init["eval_rewards/margins"] == 0.0
     assert trained["eval_rewards/chosen"] != 0.0
     # the final weights are alpha = 1: validating them again reproduces the α = 1 point
-    trainer.validate(module, datamodule=hh_pairs(hh_dir), verbose=False)
+    trainer.validate(module, datamodule=pairs(hh_dir), verbose=False)
     assert float(trainer.callback_metrics["eval_rewards/margins"]) == pytest.approx(trained["eval_rewards/margins"])
 
 
@@ -192,7 +164,7 @@ def test_reference_soup_averages_checkpoints(hh_dir, tmp_path):
     first, second = save_tiny(tmp_path / "a", seed=1), save_tiny(tmp_path / "b", seed=2)
     recorder = Recorder()
     module = dpo()
-    fit(module, hh_pairs(hh_dir), [ReferenceSoup([first, second], weights=[0.25, 0.75], init_policy=True), recorder], 1)
+    fit(module, pairs(hh_dir), [ReferenceSoup([first, second], weights=[0.25, 0.75], init_policy=True), recorder], 1)
     a, b = dict(tiny_llama(1).named_parameters()), dict(tiny_llama(2).named_parameters())
     for name, reference in module.reference.named_parameters():
         assert torch.allclose(reference, 0.25 * a[name] + 0.75 * b[name], atol=1e-6), name
@@ -201,18 +173,18 @@ def test_reference_soup_averages_checkpoints(hh_dir, tmp_path):
 
 def test_reference_soup_from_lightning_checkpoints_and_incompatible_shapes(hh_dir, tmp_path):
     module = dpo()
-    trainer = fit(module, hh_pairs(hh_dir), [], max_steps=1)
+    trainer = fit(module, pairs(hh_dir), [], max_steps=1)
     trainer.save_checkpoint(tmp_path / "trained.ckpt")
     soup = ReferenceSoup([str(tmp_path / "trained.ckpt")])
     fresh = dpo()
-    fit(fresh, hh_pairs(hh_dir), [soup], max_steps=1)
+    fit(fresh, pairs(hh_dir), [soup], max_steps=1)
     trained = dict(module.policy.named_parameters())
     for name, reference in fresh.reference.named_parameters():
         assert torch.equal(reference, trained[name]), name
 
     wide = save_tiny(tmp_path / "wide", seed=1, intermediate_size=96)
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' is \(96, 64\)"):
-        fit(dpo(), hh_pairs(hh_dir), [ReferenceSoup([wide])], max_steps=1)
+        fit(dpo(), pairs(hh_dir), [ReferenceSoup([wide])], max_steps=1)
 
 
 def rank_by_magnitude(values: torch.Tensor) -> torch.Tensor:
@@ -228,7 +200,7 @@ def test_online_merging_replaces_each_update_by_the_merge(hh_dir, tmp_path, meth
     recorder = Recorder()
     module = dpo()
     merging = OnlineMerging(base_model=base, method=method, alpha=alpha, keep=keep, seed=seed)
-    fit(module, hh_pairs(hh_dir), [recorder, merging], max_steps=2)
+    fit(module, pairs(hh_dir), [recorder, merging], max_steps=2)
     base_weights = dict(tiny_llama(5).named_parameters())
     generator = torch.Generator().manual_seed(seed)  # the masks, drawn independently in the same order
     for step in range(2):
@@ -253,7 +225,7 @@ def test_online_merging_replaces_each_update_by_the_merge(hh_dir, tmp_path, meth
 def test_reference_sync_soft_update_with_kto(hh_dir):
     recorder = Recorder()
     module = KTOModule(model="tiny-llama", learning_rate=1e-2, lr_scheduler="constant")
-    fit(module, hh_pairs(hh_dir, batch_size=4), [recorder, ReferenceSync(alpha=0.6, sync_every=2)], max_steps=3)
+    fit(module, pairs(hh_dir, batch_size=4), [recorder, ReferenceSync(alpha=0.6, sync_every=2)], max_steps=3)
     for name, reference in module.reference.named_parameters():
         # synced once, after step 2: 0.6·θ_2 + 0.4·θ_0
         assert torch.allclose(reference, 0.6 * recorder.after[1][name] + 0.4 * recorder.initial[name], atol=1e-6)
@@ -262,9 +234,9 @@ def test_reference_sync_soft_update_with_kto(hh_dir):
 def test_callbacks_that_write_the_reference_refuse_lora_and_precomputed_log_probs(hh_dir):
     with pytest.raises(ValueError, match="LoRA"):
         lora = DPOModule(model="tiny-llama", lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-        fit(lora, hh_pairs(hh_dir), [ReferenceSync()], max_steps=1)
+        fit(lora, pairs(hh_dir), [ReferenceSync()], max_steps=1)
     with pytest.raises(ValueError, match="precompute_ref_logps"):
-        fit(dpo(precompute_ref_logps=True), hh_pairs(hh_dir), [ElasticReset(2, ema_as_reference=True)], max_steps=1)
+        fit(dpo(precompute_ref_logps=True), pairs(hh_dir), [ElasticReset(2, ema_as_reference=True)], max_steps=1)
 
 
 # ---- resume -----------------------------------------------------------------------------------------------------
@@ -284,15 +256,15 @@ def test_a_run_resumed_from_step_2_ends_with_the_weights_of_an_uninterrupted_run
     make = RESUMABLE[name]
     torch.manual_seed(0)
     uninterrupted = dpo()
-    fit(uninterrupted, hh_pairs(hh_dir), [make(tmp_path)], max_steps=4)
+    fit(uninterrupted, pairs(hh_dir), [make(tmp_path)], max_steps=4)
 
     torch.manual_seed(0)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    fit(dpo(), hh_pairs(hh_dir), [make(tmp_path), checkpoints], max_steps=2)
+    fit(dpo(), pairs(hh_dir), [make(tmp_path), checkpoints], max_steps=2)
     torch.manual_seed(123)  # nothing after the resume may depend on the global RNG
     resumed = dpo()
     checkpoint = str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
-    fit(resumed, hh_pairs(hh_dir), [make(tmp_path)], max_steps=4, ckpt_path=checkpoint)
+    fit(resumed, pairs(hh_dir), [make(tmp_path)], max_steps=4, ckpt_path=checkpoint)
 
     expected = uninterrupted.state_dict()
     got = resumed.state_dict()

@@ -8,9 +8,9 @@ from __future__ import annotations
 import itertools
 import math
 
-import lightning as L
 import pytest
 import torch
+from helpers import fit
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -85,20 +85,6 @@ def toy_data(num_train: int, batch_size: int) -> ControlledGenerationDataModule:
     return ControlledGenerationDataModule(num_train=num_train, num_val=0, batch_size=batch_size, seed=0)
 
 
-def trainer(max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kwargs,
-    )
-
-
 def test_the_toy_enumeration_is_a_distribution(toy_lm):
     from transformers import AutoModelForCausalLM
 
@@ -149,7 +135,7 @@ def test_the_module_fits_lambda_from_samples_of_a(toy_lm):
         target=target, model=toy_lm, max_new_tokens=NEW_TOKENS, moment_matching_samples=8192, learning_rate=0.0
     )
     torch.manual_seed(0)
-    trainer(1).fit(module, datamodule=toy_data(num_train=1024, batch_size=512))
+    fit(module, toy_data(num_train=1024, batch_size=512), max_steps=1)
     exact = exact_lambda(log_a, phi, target_moment)
     assert float(target.lambdas[0]) == pytest.approx(exact, abs=0.06)  # SNIS error with 8192 samples
     assert bool(target.fitted)
@@ -182,7 +168,7 @@ def test_dpg_reduces_the_exact_kl_to_the_target(toy_lm, baseline):
         learning_rate=3e-3,
         lr_scheduler="constant",
     )
-    trainer(40).fit(module, datamodule=toy_data(num_train=40 * 64, batch_size=64))
+    fit(module, toy_data(num_train=40 * 64, batch_size=64), max_steps=40)
     end = exact_kl_p_pi(log_a, b, exact_logprobs(module.policy, completions))
     assert end < 0.5 * start, (start, end)
     assert int(module.proposal_updates) >= 1
@@ -231,8 +217,7 @@ def test_the_proposal_is_replaced_only_when_the_kl_estimate_improves(toy_lm):
         learning_rate=3e-3,
         lr_scheduler="constant",
     )
-    fitted = trainer(30)
-    fitted.fit(module, datamodule=toy_data(num_train=30 * 64, batch_size=64))
+    fit(module, toy_data(num_train=30 * 64, batch_size=64), max_steps=30)
     trained = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     proposal_before = {n: p.detach().clone() for n, p in module.proposal.named_parameters()}
     data = toy_data(num_train=256, batch_size=256).configure(module.tokenizer, "prompt")
@@ -329,7 +314,7 @@ def test_elastic_reset_and_interpolation_work_on_distribution_matching(toy_lm):
     )
     callbacks = [recorder, ElasticReset(reset_every=2, decay=decay), WeightInterpolation(alpha=alpha)]
     torch.manual_seed(0)
-    trainer(2, callbacks=callbacks).fit(module, datamodule=toy_data(num_train=128, batch_size=64))
+    fit(module, toy_data(num_train=128, batch_size=64), callbacks, max_steps=2)
     theta0, (theta1, theta2) = recorder.initial, recorder.after
     for name, parameter in module.policy.named_parameters():
         reset_to = decay * (decay * theta0[name] + (1 - decay) * theta1[name]) + (1 - decay) * theta2[name]
@@ -347,7 +332,7 @@ def test_the_logged_gradient_variance_matches_per_sample_gradients(toy_lm):
         max_new_tokens=NEW_TOKENS,
         learning_rate=0.0,
     )
-    trainer(1).fit(module, datamodule=toy_data(num_train=64, batch_size=64))
+    fit(module, toy_data(num_train=64, batch_size=64), max_steps=1)
     data = toy_data(num_train=16, batch_size=16).configure(module.tokenizer, "prompt")
     data.setup("fit")
     batch = next(iter(data.dataloader("train")))

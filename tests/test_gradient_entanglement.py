@@ -4,14 +4,14 @@ pairwise-normalised DPO step, checked against gradients taken independently with
 from __future__ import annotations
 
 import json
+from functools import partial
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fit, hh_pairs
 
 from callbacks import GradientEntanglementMonitor
-from datamodules import HHDataModule
 from datamodules.base import (
     CHOSEN_ATTENTION_MASK,
     CHOSEN_COMPLETION_MASK,
@@ -68,40 +68,7 @@ def test_kto_margin_coefficients_are_the_gradients_of_the_two_rows():
 # ---- the monitor ---------------------------------------------------------------------------------------------
 
 
-def hh_pairs(hh_dir, **overrides) -> HHDataModule:
-    settings = dict(
-        data_path=str(hh_dir),
-        subsets=["helpful-base"],
-        train_split="test",
-        val_split=None,
-        holdout=4,
-        limit_train=8,
-        batch_size=4,
-        max_length=48,
-        max_prompt_length=32,
-        shuffle=False,
-    )
-    settings.update(overrides)
-    return HHDataModule(**settings)
-
-
-def fit(module, data, callbacks, max_steps: int, tmp_path=None, **overrides) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **overrides,
-    )
-    trainer.fit(module, datamodule=data)
-    return trainer
+pairs = partial(hh_pairs, max_length=48, max_prompt_length=32)  # 8 training pairs in batches of 4, 4 held out
 
 
 def sequence_gradients(module, batch, row: int, keys) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,11 +93,11 @@ def test_monitor_inner_products_equal_autograd_per_sequence_and_leave_training_u
     torch.manual_seed(0)
     monitored = DPOModule(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant", loss_type="simpo")
     monitor = GradientEntanglementMonitor(every_n_steps=2, num_pairs=4, output_dir=str(tmp_path))
-    data = hh_pairs(hh_dir)
+    data = pairs(hh_dir)
     fit(monitored, data, [monitor], max_steps=4)
     torch.manual_seed(0)
     plain = DPOModule(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant", loss_type="simpo")
-    fit(plain, hh_pairs(hh_dir), [], max_steps=4)
+    fit(plain, pairs(hh_dir), [], max_steps=4)
     for (name, a), b in zip(monitored.policy.state_dict().items(), plain.policy.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # measuring set the training gradients aside and restored them
 
@@ -181,8 +148,8 @@ def test_monitor_restricted_to_a_parameter_subset(hh_dir, tmp_path):
     torch.manual_seed(0)
     module = DPOModule(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant")
     monitor = GradientEntanglementMonitor(every_n_steps=1, num_pairs=2, parameters=r"layers\.0\.mlp\.", plot=False)
-    data = hh_pairs(hh_dir)
-    fit(module, data, [monitor], max_steps=1, tmp_path=tmp_path)
+    data = pairs(hh_dir)
+    fit(module, data, [monitor], max_steps=1, default_root_dir=tmp_path)
     probe = data.probe_batch("val", "pair", 2)
     subset = [p for name, p in module.named_parameters() if "layers.0.mlp." in name and p.requires_grad]
     assert len(subset) == 3  # gate, up and down projections of the first block
@@ -203,7 +170,7 @@ def test_monitor_with_kto_reads_pairs_from_an_unpaired_datamodule(hh_dir):
     torch.manual_seed(0)
     module = KTOModule(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant")
     monitor = GradientEntanglementMonitor(every_n_steps=1, num_pairs=3, plot=False)
-    data = hh_pairs(hh_dir)
+    data = pairs(hh_dir)
     fit(module, data, [monitor], max_steps=2)
     assert data.data_mode == "unpaired"
     probe = data.probe_batch("val", "pair", 3)
@@ -221,7 +188,7 @@ def test_monitor_refuses_modules_without_margin_coefficients(hh_dir):
     from lit_align import SFTModule
 
     with pytest.raises(TypeError, match="margin-based module"):
-        fit(SFTModule(model="tiny-llama"), hh_pairs(hh_dir), [GradientEntanglementMonitor()], max_steps=1)
+        fit(SFTModule(model="tiny-llama"), pairs(hh_dir), [GradientEntanglementMonitor()], max_steps=1)
 
 
 # ---- the normalised step ----------------------------------------------------------------------------------------
@@ -231,7 +198,7 @@ def test_normalized_step_is_the_pairwise_normalized_direction(hh_dir):
     torch.manual_seed(0)
     module = DPOModule(model="tiny-llama", beta=0.5, normalize_pair_gradients=True)
     module.configure_model()
-    data = hh_pairs(hh_dir, batch_size=2)
+    data = pairs(hh_dir, batch_size=2)
     data.configure(tokenizer=module.tokenizer, mode="pair")
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))

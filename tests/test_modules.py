@@ -2,67 +2,34 @@
 
 from __future__ import annotations
 
-import lightning as L
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fit, hh_pairs, validate
 from transformers import AutoModelForCausalLM
 
-from datamodules import HHDataModule
 from lit_align import DPOModule, KTOModule, LoraSettings, RewardModelModule, SFTModule
 
-
-def trainer(**overrides) -> L.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    settings.update(overrides)
-    return L.Trainer(**settings)
-
-
-def hh(hh_dir, **overrides) -> HHDataModule:
-    settings = dict(
-        data_path=str(hh_dir),
-        subsets=["helpful-base"],
-        train_split="test",
-        val_split=None,
-        limit_train=16,
-        batch_size=8,
-        max_length=48,
-        max_prompt_length=32,
-    )
-    settings.update(overrides)
-    return HHDataModule(**settings)
-
-
-def metric(trainer_: L.Trainer, name: str) -> float:
-    return float(trainer_.callback_metrics[name])
+# 16 shuffled training pairs in batches of 8, no validation set
+hh = partial(hh_pairs, holdout=0, limit_train=16, batch_size=8, max_length=48, max_prompt_length=32, shuffle=True)
 
 
 def evaluate_on_train(module, datamodule) -> dict[str, float]:
     """Validation metrics on the training pairs themselves (the set the module was fitted on)."""
     datamodule.setup("validate")
-    evaluator = trainer()
-    evaluator.validate(module, dataloaders=datamodule.dataloader("train"), verbose=False)
-    return {k: float(v) for k, v in evaluator.callback_metrics.items()}
+    return validate(module, datamodule.dataloader("train"))
 
 
 def test_dpo_learns_the_training_preferences(hh_dir):
     torch.manual_seed(0)
     module = DPOModule(model="tiny-llama", beta=0.1, learning_rate=2e-3, lr_scheduler="constant")
     data = hh(hh_dir)
-    before = None
-    fit = trainer(max_epochs=12)
     data.configure(tokenizer=module.tokenizer, mode="pair")
     module.configure_model()
     before = evaluate_on_train(module, data)
-    fit.fit(module, datamodule=data)
+    fit(module, data, max_epochs=12)
     after = evaluate_on_train(module, data)
     assert before["eval_rewards/accuracies"] == 0.0  # policy == reference: every margin is exactly 0
     assert after["eval_rewards/accuracies"] > 0.9
@@ -76,7 +43,7 @@ def test_dpo_variants_train_and_improve_margins(hh_dir, loss_type):
     kwargs = {"label_smoothing": 0.1} if loss_type == "robust" else {}
     module = DPOModule(model="tiny-llama", loss_type=loss_type, learning_rate=2e-3, lr_scheduler="constant", **kwargs)
     data = hh(hh_dir)
-    trainer(max_epochs=4).fit(module, datamodule=data)
+    fit(module, data, max_epochs=4)
     after = evaluate_on_train(module, data)
     assert after["eval_rewards/margins"] > 0
     assert (module.reference is None) == (loss_type == "simpo")
@@ -88,7 +55,7 @@ def test_precomputed_reference_gives_the_same_training_and_releases_the_referenc
         torch.manual_seed(0)
         module = DPOModule(model="tiny-llama", learning_rate=1e-3, precompute_ref_logps=precompute)
         data = hh(hh_dir, limit_train=16, holdout=8)
-        trainer(max_steps=3, limit_val_batches=1).fit(module, datamodule=data)
+        fit(module, data, max_steps=3, limit_val_batches=1)
         runs[precompute] = module
     assert runs[True].reference is None and runs[False].reference is not None
     assert set(runs[True].reference_table) == {"train", "val"}
@@ -111,7 +78,7 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(hh_dir):
     assert module.reference is None
     trainable = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
     assert trainable < 0.05 * sum(p.numel() for p in module.policy.parameters())
-    trainer(max_epochs=3).fit(module, datamodule=data)
+    fit(module, data, max_epochs=3)
     after = evaluate_on_train(module, data)
     assert after["eval_rewards/margins"] > 0  # adapters moved the policy away from the adapter-free reference
     # the reference forward really is the base model: equal to a fresh tiny model with the same seed
@@ -126,7 +93,7 @@ def test_kto_moves_desirable_and_undesirable_rewards_apart(hh_dir):
     torch.manual_seed(0)
     module = KTOModule(model="tiny-llama", beta=0.1, learning_rate=2e-3, lr_scheduler="constant")
     data = hh(hh_dir)
-    trainer(max_epochs=8).fit(module, datamodule=data)
+    fit(module, data, max_epochs=8)
     after = evaluate_on_train(module, data)
     assert after["eval_rewards/chosen"] > after["eval_rewards/rejected"] + 0.5
     torch.testing.assert_close(
@@ -141,7 +108,7 @@ def test_kto_moves_desirable_and_undesirable_rewards_apart(hh_dir):
 def test_kto_rejects_batch_size_one(hh_dir):
     module = KTOModule(model="tiny-llama")
     with pytest.raises(ValueError, match="2"):
-        trainer(max_steps=1).fit(module, datamodule=hh(hh_dir, batch_size=1))
+        fit(module, hh(hh_dir, batch_size=1), max_steps=1)
 
 
 def test_sft_loss_is_cross_entropy_on_completion_tokens(hh_dir):
@@ -169,7 +136,7 @@ def test_sft_lowers_perplexity_and_exports_a_loadable_model(hh_dir, tmp_path):
     data.configure(tokenizer=module.tokenizer, mode="text")
     module.configure_model()
     before = evaluate_on_train(module, data)
-    trainer(max_epochs=4).fit(module, datamodule=data)
+    fit(module, data, max_epochs=4)
     after = evaluate_on_train(module, data)
     assert after["eval_perplexity"] < 0.5 * before["eval_perplexity"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
@@ -192,7 +159,7 @@ def test_reward_model_scores_the_last_real_token_and_learns(hh_dir):
         module.scores(padded, torch.tensor([[1, 1, 1, 0, 0]])), module.scores(padded[:, :3], torch.ones(1, 3))
     )
     data = hh(hh_dir)
-    trainer(max_epochs=10).fit(module, datamodule=data)
+    fit(module, data, max_epochs=10)
     after = evaluate_on_train(module, data)
     assert after["eval_rewards/accuracies"] > 0.9
 
@@ -203,7 +170,7 @@ def test_non_finite_loss_stops_training_with_a_clear_message(hh_dir):
     with torch.no_grad():
         module.policy.model.norm.weight.fill_(float("nan"))  # every logit becomes NaN
     with pytest.raises(FloatingPointError, match="non-finite loss .* global step 0 on dataset rows"):
-        trainer(max_steps=2).fit(module, datamodule=hh(hh_dir, limit_train=8))
+        fit(module, hh(hh_dir, limit_train=8), max_steps=2)
 
 
 def test_unknown_loss_type_is_refused():
@@ -221,7 +188,7 @@ def test_dpo_on_the_embedded_model_moves_margins_on_its_training_pairs(hh_dir):
         lora=LoraSettings(r=8, alpha=16, dropout=0.0),
     )
     data = hh(hh_dir, limit_train=8, batch_size=4, max_length=96, max_prompt_length=64)
-    trainer(max_epochs=3).fit(module, datamodule=data)
+    fit(module, data, max_epochs=3)
     after = evaluate_on_train(module, data)
     assert after["eval_rewards/margins"] > 0.05
     assert after["eval_rewards/accuracies"] > 0.5
@@ -230,4 +197,4 @@ def test_dpo_on_the_embedded_model_moves_margins_on_its_training_pairs(hh_dir):
 def test_kto_warns_when_weights_leave_the_papers_range(hh_dir):
     module = KTOModule(model="tiny-llama", desirable_weight=3.0)
     with pytest.warns(UserWarning, match=r"outside \[1, 4/3\].*n_D=8, n_U=8"):
-        trainer(max_steps=1).fit(module, datamodule=hh(hh_dir, limit_train=8))
+        fit(module, hh(hh_dir, limit_train=8), max_steps=1)

@@ -4,10 +4,12 @@ masks, callbacks seeing every optimizer step, and validation drift metrics."""
 from __future__ import annotations
 
 import csv
+from functools import partial
 
 import lightning as L
 import pytest
 import torch
+from helpers import fit, hh_pairs, validate
 
 from datamodules import HHDataModule
 from lit_align.generation import responses_until_eos
@@ -32,43 +34,22 @@ def peaked_tiny(tmp_path_factory):
     return str(directory)
 
 
-def prompts(hh_dir, batch_size: int) -> HHDataModule:
-    return HHDataModule(
-        data_path=str(hh_dir),
-        subsets=["helpful-base"],
-        train_split="test",
-        val_split=None,
-        limit_train=32,
-        batch_size=batch_size,
-        eval_batch_size=32,
-        max_length=48,
-        max_prompt_length=16,
-    )
+# 32 shuffled training prompts, validated in one batch of 32; no validation set
+prompts = partial(
+    hh_pairs, holdout=0, limit_train=32, eval_batch_size=32, max_length=48, max_prompt_length=16, shuffle=True
+)
 
 
 def evaluate_on_training_prompts(module: PPOModule, data: HHDataModule) -> tuple[float, float]:
     """Mean reward and mean KL to the reference (nats per completion) over 2 × 32 fresh samples."""
     torch.manual_seed(1234)
-    evaluator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     data.setup("validate")
     rewards, kls = [], []
     for _ in range(2):
-        evaluator.validate(module, dataloaders=data.dataloader("train", batch_size=32), verbose=False)
-        rewards.append(float(evaluator.callback_metrics["eval_objective/scores"]))
-        kls.append(float(evaluator.callback_metrics["eval_drift/kl_to_init"]))
+        metrics = validate(module, data.dataloader("train", batch_size=32))
+        rewards.append(metrics["eval_objective/scores"])
+        kls.append(metrics["eval_drift/kl_to_init"])
     return sum(rewards) / 2, sum(kls) / 2
-
-
-def train(module: PPOModule, data: HHDataModule, epochs: int) -> None:
-    L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    ).fit(module, datamodule=data)
 
 
 def policy_gradient(
@@ -96,11 +77,11 @@ def policy_gradient(
 def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, estimator, samples, batch_size, epochs):
     L.seed_everything(0)
     module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=0.0)
-    data = prompts(hh_dir, batch_size)
+    data = prompts(hh_dir, batch_size=batch_size)
     data.configure(tokenizer=module.tokenizer, mode="prompt")
     module.configure_model()
     before, kl_before = evaluate_on_training_prompts(module, data)
-    train(module, data, epochs)
+    fit(module, data, max_epochs=epochs)
     after, kl_after = evaluate_on_training_prompts(module, data)
     assert kl_before == 0.0  # the policy starts as the reference
     assert after > before + 0.15, (before, after)
@@ -117,8 +98,8 @@ def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(peaked_tiny,
     for kl_coef in (0.0, 2.0):
         L.seed_everything(0)
         module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=kl_coef, learning_rate=2e-4, **critic)
-        data = prompts(hh_dir, 4)
-        train(module, data, epochs=2)
+        data = prompts(hh_dir, batch_size=4)
+        fit(module, data, max_epochs=2)
         kls[kl_coef] = evaluate_on_training_prompts(module, data)[1]
     assert kls[0.0] > 0.3, kls  # unconstrained, the policy drifts
     assert kls[2.0] < 0.7 * kls[0.0], kls
@@ -134,17 +115,7 @@ def test_every_ppo_update_goes_through_lightnings_optimizer(peaked_tiny, hh_dir)
     module = PPOModule(
         model=peaked_tiny, reward=CallableReward(target_count), max_new_tokens=4, ppo_epochs=3, num_mini_batches=2
     )
-    L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[CountSteps()],
-    ).fit(module, datamodule=prompts(hh_dir, 4))
+    fit(module, prompts(hh_dir, batch_size=4), [CountSteps()], max_epochs=1, limit_train_batches=2)
     assert CountSteps.calls == 2 * 3 * 2  # rollouts × ppo_epochs × minibatches
     assert module.global_step == 12
 
@@ -153,20 +124,11 @@ def test_the_sanity_check_validation_is_logged_as_the_starting_point(peaked_tiny
     module = PPOModule(
         model=peaked_tiny, reward=CallableReward(target_count), max_new_tokens=4, ppo_epochs=1, learning_rate=1e-3
     )
-    data = prompts(hh_dir, 4)
+    data = prompts(hh_dir, batch_size=4)
     data.val_split = "test"
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        num_sanity_val_steps=1,
-        limit_val_batches=1,
-        val_check_interval=4,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="run"),
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(module, datamodule=data)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
+    evaluate = dict(num_sanity_val_steps=1, limit_val_batches=1, val_check_interval=4)
+    fit(module, data, max_steps=4, logger=logger, log_every_n_steps=1, **evaluate)
     rows = list(csv.DictReader(open(next(tmp_path.glob("run/*/metrics.csv")))))
     evaluations = [row for row in rows if row.get("eval_drift/kl_to_init")]
     assert len(evaluations) == 2 and int(evaluations[0]["step"]) == 0 and int(evaluations[1]["step"]) > 0

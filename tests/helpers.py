@@ -1,0 +1,73 @@
+"""Plain helpers the tests share: a quiet CPU Trainer, small HH data, ``fit``, ``validate`` and ``metric``.
+
+Tests import them as ``from helpers import ...`` (pytest puts this folder on ``sys.path``, as for ``recording``);
+the multi-process scripts in ``scripts/`` reach them through ``scripts/common.py``. Fixtures stay in conftest.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules import HHDataModule
+
+
+def quiet_trainer(max_steps: int = -1, callbacks: Iterable[L.Callback] = (), **overrides) -> L.Trainer:
+    """A one-process CPU Trainer without logger, progress bar, model summary, sanity check or validation (pass
+    ``limit_val_batches`` to validate); it checkpoints only when a ModelCheckpoint is among the callbacks.
+    Keyword arguments override any Trainer setting (``devices``, ``strategy``, ``max_epochs``, ``logger``...)."""
+    callbacks = list(callbacks)
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    settings.update(overrides)
+    return L.Trainer(**settings)
+
+
+def hh_pairs(hh_dir, **overrides) -> HHDataModule:
+    """HH ``helpful-base`` test rows, short and unshuffled: 4 held out for validation, the next 8 for training in
+    batches of 4. Keyword arguments override any ``HHDataModule`` setting."""
+    settings = dict(
+        data_path=str(hh_dir),
+        subsets=["helpful-base"],
+        train_split="test",
+        val_split=None,
+        holdout=4,
+        limit_train=8,
+        batch_size=4,
+        max_length=40,
+        max_prompt_length=24,
+        shuffle=False,
+    )
+    settings.update(overrides)
+    return HHDataModule(**settings)
+
+
+def fit(module, data, callbacks: Iterable[L.Callback] = (), max_steps: int = -1, ckpt_path=None, **overrides):
+    """``quiet_trainer(max_steps, callbacks, **overrides).fit(module, datamodule=data)``; returns the Trainer."""
+    trainer = quiet_trainer(max_steps, callbacks, **overrides)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def metric(trainer: L.Trainer, name: str) -> float:
+    """One logged value of the last fit/validate, as a float."""
+    return float(trainer.callback_metrics[name])
+
+
+def validate(module, dataloaders) -> dict[str, float]:
+    """Every metric of one validation pass of ``module`` over ``dataloaders``, as floats."""
+    trainer = quiet_trainer(limit_val_batches=1.0)
+    trainer.validate(module, dataloaders=dataloaders, verbose=False)
+    return {name: metric(trainer, name) for name in trainer.callback_metrics}
