@@ -197,6 +197,22 @@ def run_bare(args: argparse.Namespace, batches: list[dict]) -> dict[str, Any]:
 # ---- 2. lit-align -------------------------------------------------------------------------------------------------
 
 
+def first_step_logps(module, batch: dict) -> dict[str, list[float]]:
+    """What the DPO module's first training step computes on ``batch``: the policy's and the reference's sequence
+    log-probs of chosen and rejected, through its public ``forward_pair`` / ``reference_pair`` (the two calls its
+    ``shared_step`` makes). Called from ``on_train_batch_start`` of step 0, before the step is timed and before any
+    update, so the weights are the ones step 0 sees; dropout is off, so the values are the step's own."""
+    with torch.no_grad():
+        chosen, rejected = module.forward_pair(batch)
+        ref_chosen, ref_rejected = module.reference_pair(batch, "train")
+    return {
+        "policy_chosen": chosen.logps.tolist(),
+        "policy_rejected": rejected.logps.tolist(),
+        "ref_chosen": ref_chosen.tolist(),
+        "ref_rejected": ref_rejected.tolist(),
+    }
+
+
 def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
@@ -210,12 +226,14 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
             self.indices: list[list[int]] = []
             self.widths: list[int] = []
             self.threads: int | None = None
+            self.first_logps: dict[str, list[float]] = {}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self.indices.append(batch["index"].tolist())
             self.widths.append(batch["chosen_input_ids"].shape[1])
-            if self.threads is None:
+            if not self.starts:  # step 0: recorded before its timer starts
                 self.threads = torch.get_num_threads()
+                self.first_logps = first_step_logps(pl_module, batch)
             self.starts.append(time.perf_counter())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -234,23 +252,6 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         disable_dropout=True,
         seed=0,
     )
-    # Record what the first training step computes (policy and reference log-probs), then unwrap again.
-    first: dict[str, list[float]] = {}
-    original_forward, original_reference = module.forward_pair, module.reference_pair
-
-    def forward_pair_once(batch):
-        chosen, rejected = original_forward(batch)
-        first["policy_chosen"], first["policy_rejected"] = chosen.logps.tolist(), rejected.logps.tolist()
-        module.forward_pair = original_forward
-        return chosen, rejected
-
-    def reference_pair_once(batch, stage):
-        ref_chosen, ref_rejected = original_reference(batch, stage)
-        first["ref_chosen"], first["ref_rejected"] = ref_chosen.tolist(), ref_rejected.tolist()
-        module.reference_pair = original_reference
-        return ref_chosen, ref_rejected
-
-    module.forward_pair, module.reference_pair = forward_pair_once, reference_pair_once
     datamodule = make_datamodule(args)
     timer = StepTimer()
     trainer = L.Trainer(
@@ -273,7 +274,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         "losses": [float(v) for v in timer.losses],
         "padded_width": timer.widths,
         "batch_indices": timer.indices,
-        "first_step_logps": first,
+        "first_step_logps": timer.first_logps,
         "threads": timer.threads,
     }
     return result

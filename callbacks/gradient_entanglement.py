@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
 from callbacks.base import AlignmentCallback
-from datamodules.base import (
+from datamodules.keys import (
     CHOSEN_ATTENTION_MASK,
     CHOSEN_COMPLETION_MASK,
     CHOSEN_INPUT_IDS,

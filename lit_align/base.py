@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedModel, get_scheduler
 
-from datamodules.base import INDEX
+from datamodules.keys import INDEX
 from lit_align.generation import sample_responses
 from lit_align.logprobs import SequenceLogps, sequence_logprobs
 from lit_align.metrics import StageMetrics

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
+from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
 from lit_align.generation import decode_responses

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from datamodules.base import (
+from datamodules.keys import (
     CHOSEN_ATTENTION_MASK,
     CHOSEN_COMPLETION_MASK,
     CHOSEN_INPUT_IDS,

@@ -271,11 +271,6 @@ def _weights_over_q(log_p_unnormalized: Tensor, log_q: Tensor) -> Tensor:
     return torch.exp(log_p_unnormalized.double() - log_q.double())  # exp(−inf) = 0 where P(x) = 0
 
 
-def estimate_z(log_p_unnormalized: Tensor, log_q: Tensor) -> Tensor:
-    """Ẑ = mean_q P(x)/q(x)."""
-    return _weights_over_q(log_p_unnormalized, log_q).mean()
-
-
 def importance_kl(log_p_unnormalized: Tensor, log_q: Tensor, log_model: Tensor, z: Tensor | float) -> Tensor:
     """KL(p‖model) ≈ −log Ẑ + (1/Ẑ)·mean_q[(P/q)(log P − log model)]; samples with P = 0 contribute 0."""
     weights = _weights_over_q(log_p_unnormalized, log_q)

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from datamodules.base import (
+from datamodules.keys import (
     ATTENTION_MASK,
     CHOSEN_ATTENTION_MASK,
     CHOSEN_COMPLETION_MASK,

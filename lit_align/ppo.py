@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from datamodules.base import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
+from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule
 from lit_align.generation import decode_responses
 from lit_align.logprobs import position_ids, response_logprobs, token_logprobs
@@ -487,13 +487,13 @@ class PPOModule(AlignmentModule):
         metric = self.metrics.get(stage, "drift/perplexity")
         encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=128)["input_ids"]
         for start in range(0, len(encoded), 8):
-            rows = encoded[start : start + 8]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), self.tokenizer.eos_token_id, dtype=torch.long, device=self.device)
-            attention = torch.zeros_like(ids)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row, device=self.device)
-                attention[i, : len(row)] = 1
+            rows = [torch.tensor(r, dtype=torch.long, device=self.device) for r in encoded[start : start + 8]]
+            ids = torch.nn.utils.rnn.pad_sequence(
+                rows, batch_first=True, padding_value=self.tokenizer.eos_token_id, padding_side="right"
+            )
+            attention = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="right"
+            )
             logits = self.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
             metric.update(token_logprobs(logits[:, :-1], ids[:, 1:]), attention[:, 1:])
         self.log(self.metrics.log_name(stage, "drift/perplexity"), metric, on_step=False, on_epoch=True)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from datamodules.base import (
+from datamodules.keys import (
     CHOSEN_ATTENTION_MASK,
     CHOSEN_INPUT_IDS,
     REJECTED_ATTENTION_MASK,

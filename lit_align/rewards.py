@@ -161,12 +161,11 @@ class LearnedReward(RewardFunction):
                 + [eos]
                 for p, c in zip(prompts[chunk], completions[chunk], strict=True)
             ]
-            width = max(len(row) for row in ids)
-            input_ids = torch.full((len(ids), width), eos, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, row in enumerate(ids):
-                input_ids[i, : len(row)] = torch.tensor(row)
-                attention_mask[i, : len(row)] = 1
+            rows = [torch.tensor(row, dtype=torch.long) for row in ids]
+            input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=eos, padding_side="right")
+            attention_mask = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones_like(row) for row in rows], batch_first=True, padding_value=0, padding_side="right"
+            )
             scores.append(last_token_scores(self.model, input_ids.to(device), attention_mask.to(device)))
         return torch.cat(scores)
 
@@ -246,12 +245,19 @@ class PivotBLEUReward(RewardFunction):
     Args:
         translator: the frozen FR→DE model (Hub id, directory or alias); an instruction prompt is used.
         max_new_tokens: German tokens to generate. batch_size: sentences per translator call.
+        instruction: the translator's instruction, ``{}`` = the French sentence; it becomes a user turn of the
+            translator tokenizer's chat template, or ``instruction + "\\nTranslation:"`` without one (the format of
+            the Multi30k policy prompts, ``datamodules.multi30k.translation_prompt``).
     """
 
     task_score_names = ("drift/bleu_fr", "drift/fr_perplexity")
 
     def __init__(
-        self, translator: str = "smollm2-135m-instruct", max_new_tokens: int = 48, batch_size: int = 16
+        self,
+        translator: str = "smollm2-135m-instruct",
+        max_new_tokens: int = 48,
+        batch_size: int = 16,
+        instruction: str = "Translate this French sentence into German. Answer with the translation only.\n{}",
     ) -> None:
         super().__init__("completion")
         from sacrebleu.metrics import BLEU
@@ -260,29 +266,33 @@ class PivotBLEUReward(RewardFunction):
 
         self.translator = load_causal_lm(translator)
         self.tokenizer = load_tokenizer(translator)
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.max_new_tokens, self.batch_size, self.instruction = max_new_tokens, batch_size, instruction
         self.bleu = BLEU(effective_order=True)
         self.freeze()
 
-    def translate(self, french: Sequence[str]) -> list[str]:
-        from datamodules.multi30k import translation_prompt
+    def translation_prompt(self, french: str) -> str:
+        """The translator's prompt for one French sentence (see ``instruction``)."""
+        instruction = self.instruction.format(french.strip())
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": instruction}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return instruction + "\nTranslation:"
 
-        instruction = "Translate this French sentence into German. Answer with the translation only.\n{}"
+    def translate(self, french: Sequence[str]) -> list[str]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         device = next(self.translator.parameters()).device
         german = []
         for start in range(0, len(french), self.batch_size):
-            prompts = [
-                translation_prompt(self.tokenizer, instruction.format(s.strip()))
-                for s in french[start : start + self.batch_size]
+            prompts = [self.translation_prompt(s) for s in french[start : start + self.batch_size]]
+            rows = [
+                torch.tensor(self.tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in prompts
             ]
-            ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-            width = max(len(row) for row in ids)
-            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-            for i, row in enumerate(ids):  # left padding for generation
-                input_ids[i, width - len(row) :] = torch.tensor(row)
-                attention_mask[i, width - len(row) :] = 1
+            # left padding for generation
+            input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad, padding_side="left")
+            attention_mask = torch.nn.utils.rnn.pad_sequence(
+                [torch.ones_like(row) for row in rows], batch_first=True, padding_value=0, padding_side="left"
+            )
+            width = input_ids.shape[1]
             out = self.translator.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from datamodules.base import ATTENTION_MASK, COMPLETION_MASK, INPUT_IDS
+from datamodules.keys import ATTENTION_MASK, COMPLETION_MASK, INPUT_IDS
 from lit_align.base import AlignmentModule
 from lit_align.logprobs import token_logprobs
 from lit_align.metrics import Perplexity

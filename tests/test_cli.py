@@ -10,8 +10,79 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(c for c in (REPO / "configs").glob("*/*.yaml") if c.parent.name != "strategies")
+CONFIGS = sorted(c for c in (REPO / "configs").glob("*/*.yaml") if c.parent.name not in ("strategies", "trainer"))
 STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+
+
+# The effective trainer settings of every shipped benchmark config that differ from Lightning's own Trainer
+# defaults, pinned as they were when the shared ones moved into configs/trainer/default.yaml (devices 1, 32-true,
+# CSVLogger in outputs/; accelerator auto is Lightning's default too): (settings, logger name, callback classes).
+def _online(max_steps: int, val_check_interval: int, num_sanity_val_steps: int, **more) -> dict:
+    return {
+        "max_steps": max_steps,
+        "val_check_interval": val_check_interval,
+        "num_sanity_val_steps": num_sanity_val_steps,
+        "log_every_n_steps": 1,
+        "enable_checkpointing": False,
+        **more,
+    }
+
+
+SHARED = {"devices": 1, "precision": "32-true"}
+OFFLINE = {"max_epochs": 1, "gradient_clip_val": 1.0, "log_every_n_steps": 4, "num_sanity_val_steps": 0}
+IMDB = _online(24, 12, 2, limit_val_batches=2)
+EXPECTED_TRAINER = {
+    "controlled/amazing_dpg.yaml": (_online(30, 30, -1), "controlled_amazing_dpg", []),
+    "controlled/amazing_gdcpp.yaml": (_online(30, 30, -1), "controlled_amazing_gdcpp", []),
+    "controlled/amazing_ppo.yaml": (_online(120, 30, -1), "controlled_amazing_ppo", []),
+    "controlled/female_biographies.yaml": (_online(30, 30, -1), "controlled_female_biographies", []),
+    "controlled/positive_sentiment.yaml": (_online(30, 30, -1), "controlled_positive_sentiment", []),
+    "controlled/science_wordlist.yaml": (_online(30, 30, -1), "controlled_science_wordlist", []),
+    "hh/dpo.yaml": (OFFLINE, "hh_dpo", []),
+    "hh/dpo_online_merging.yaml": (OFFLINE, "hh_dpo_online_merging", ["callbacks.OnlineMerging"]),
+    "hh/dpo_reference_soup.yaml": (OFFLINE, "hh_dpo_reference_soup", ["callbacks.ReferenceSoup"]),
+    "hh/ipo.yaml": (OFFLINE, "hh_ipo", []),
+    "hh/kto.yaml": (OFFLINE, "hh_kto", []),
+    "hh/reward_model.yaml": (OFFLINE, "hh_reward_model", []),
+    "hh/sft.yaml": (OFFLINE, "hh_sft", []),
+    "imdb/ppo.yaml": (IMDB, "imdb_ppo", []),
+    "imdb/ppo_elastic_reset.yaml": (IMDB, "imdb_ppo_elastic_reset", ["callbacks.ElasticReset"]),
+    "imdb/ppo_interpolation_sweep.yaml": (IMDB, "imdb_ppo_interpolation", ["callbacks.WeightInterpolation"]),
+    "multi30k/ppo_pivot.yaml": (_online(8, 8, -1), "multi30k_pivot", []),
+    "tldr/dpo.yaml": (OFFLINE, "tldr_dpo", []),
+    "ultrafeedback/dpo.yaml": (OFFLINE, "ultrafeedback_dpo", []),
+}
+
+
+def lightning_trainer_defaults() -> dict:
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    return {name: p.default for name, p in inspect.signature(Trainer.__init__).parameters.items() if name != "self"}
+
+
+def assert_trainer_settings(trainer: dict, config: str) -> None:
+    """``trainer`` (a printed config's section) holds exactly the pinned non-default settings of ``config``."""
+    settings, logger_name, callbacks = EXPECTED_TRAINER[config]
+    defaults = lightning_trainer_defaults()
+    changed = {k: v for k, v in trainer.items() if k not in ("logger", "callbacks") and v != defaults[k]}
+    assert changed == {**SHARED, **settings}, config
+    assert trainer["accelerator"] == "auto" and trainer["strategy"] == "auto", config
+    logger = trainer["logger"]
+    assert (logger["class_path"], logger["init_args"]["save_dir"], logger["init_args"]["name"]) == (
+        CSV_LOGGER,
+        "outputs",
+        logger_name,
+    ), config
+    assert [c["class_path"] for c in trainer["callbacks"] or []] == callbacks, config
+
+
+def print_config(*args: str, cwd: Path) -> dict:
+    result = lit_align("fit", *args, "--print_config", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return yaml.safe_load(result.stdout)
 
 
 def lit_align(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -62,11 +133,73 @@ def test_validate_and_print_config(tmp_path, hh_dir):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
 def test_every_shipped_config_parses(tmp_path, config):
-    result = lit_align("fit", "--config", str(config), "--print_config", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    parsed = yaml.safe_load(result.stdout)
+    parsed = print_config("--config", str(config), cwd=tmp_path)
     assert parsed["model"]["class_path"].startswith("lit_align.")
     assert parsed["data"]["class_path"].startswith("datamodules.")
+    # the trainer defaults (configs/trainer/default.yaml) merged with the config's own trainer settings
+    assert_trainer_settings(parsed["trainer"], str(config.relative_to(REPO / "configs")))
+    for key, value in yaml.safe_load(config.read_text())["trainer"].items():
+        if key not in ("logger", "callbacks"):
+            assert parsed["trainer"][key] == value, (key, "a config's own trainer setting must win")
+
+
+def test_every_shipped_config_is_pinned():
+    assert sorted(EXPECTED_TRAINER) == [str(c.relative_to(REPO / "configs")) for c in CONFIGS]
+
+
+def test_trainer_defaults_file_and_its_fallback_agree():
+    from lit_align import cli
+
+    assert cli.TRAINER_DEFAULTS_FILE == REPO / "configs" / "trainer" / "default.yaml"
+    assert yaml.safe_load(cli.TRAINER_DEFAULTS_FILE.read_text()) == {"trainer": cli.TRAINER_DEFAULTS}
+    assert cli.TRAINER_DEFAULTS == {
+        "accelerator": "auto",
+        "devices": 1,
+        "precision": "32-true",
+        "logger": {"class_path": CSV_LOGGER, "init_args": {"save_dir": "outputs"}},
+    }
+
+
+@pytest.mark.parametrize("defaults_file", ["shipped", "missing"])
+def test_config_and_command_line_trainer_settings_win_over_the_defaults(tmp_path, monkeypatch, capsys, defaults_file):
+    """In process, with configs/trainer/default.yaml and (an install without configs/) with the in-code fallback."""
+    from lit_align import cli
+
+    if defaults_file == "missing":
+        monkeypatch.setattr(cli, "TRAINER_DEFAULTS_FILE", tmp_path / "no_such_default.yaml")
+
+    def printed(*args: str) -> dict:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["fit", *args, "--print_config"])
+        assert exit_.value.code in (0, None)
+        return yaml.safe_load(capsys.readouterr().out)
+
+    benchmark = REPO / "configs/hh/dpo.yaml"
+    assert_trainer_settings(printed("--config", str(benchmark))["trainer"], "hh/dpo.yaml")
+    # a config's explicit values win, key by key; the logger keeps save_dir when only its name is given
+    override = tmp_path / "override.yaml"
+    override.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "precision": "bf16-mixed",
+                    "devices": 2,
+                    "logger": {"class_path": CSV_LOGGER, "init_args": {"name": "mine"}},
+                }
+            }
+        )
+    )
+    trainer = printed("--config", str(benchmark), "--config", str(override), "--trainer.max_steps", "7")["trainer"]
+    assert (trainer["precision"], trainer["devices"], trainer["accelerator"]) == ("bf16-mixed", 2, "auto")
+    assert (trainer["max_steps"], trainer["max_epochs"], trainer["gradient_clip_val"]) == (7, 1, 1.0)
+    assert trainer["logger"]["init_args"]["save_dir"] == "outputs"
+    assert trainer["logger"]["init_args"]["name"] == "mine"
+    trainer = printed("--config", str(benchmark), "--trainer.precision", "16-true", "--trainer.logger", "false")
+    assert (trainer["trainer"]["precision"], trainer["trainer"]["logger"]) == ("16-true", False)
+    # without any --config, the defaults alone
+    trainer = printed("--model", "lit_align.DPOModule", "--data", "datamodules.HHDataModule")["trainer"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("auto", 1, "32-true")
+    assert trainer["logger"]["init_args"]["save_dir"] == "outputs"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=[c.stem for c in STRATEGIES])
@@ -78,6 +211,8 @@ def test_strategy_configs_stack_onto_a_benchmark_config(tmp_path, strategy):
     expected = yaml.safe_load(strategy.read_text())["trainer"]
     assert parsed["trainer"]["strategy"]["class_path"] == expected["strategy"]["class_path"]
     assert parsed["trainer"]["precision"] == "bf16-mixed"
+    assert (parsed["trainer"]["accelerator"], parsed["trainer"]["devices"]) == ("gpu", "auto")
+    assert parsed["trainer"]["max_epochs"] == 1 and parsed["trainer"]["logger"]["init_args"]["name"] == "hh_dpo"
     assert parsed["model"] == yaml.safe_load(lit_align("fit", "--config", str(benchmark), "--print_config",
                                                        cwd=tmp_path).stdout)["model"]  # fmt: skip
 

@@ -35,7 +35,9 @@ from datamodules import (
     TLDRDataModule,
     UltraFeedbackDataModule,
 )
-from datamodules.base import Collator, require_str
+from datamodules.base import NotAttachedError
+from datamodules.collation import Collator, pad
+from datamodules.readers import require_str
 
 
 def write_jsonl(path: Path, rows: list, raw_lines: dict[int, str] | None = None) -> Path:
@@ -66,7 +68,7 @@ def hh_dm(tmp_path: Path, rows: list, tokenizer, mode: str = "pair", **kwargs) -
     write_jsonl(tmp_path / "hh" / "test.jsonl", rows)
     kwargs.setdefault("val_split", None)
     dm = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", **kwargs)
-    return dm.configure(tokenizer=tokenizer, mode=mode)
+    return dm.attach(tokenizer, mode)
 
 
 def masked(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
@@ -81,7 +83,7 @@ def test_hh_real_rows_parse_and_reconstruct(shared_data, tokenizer):
     with gzip.open(root / "helpful-base" / "test.jsonl.gz", "rt", encoding="utf-8") as handle:
         raw = [json.loads(line) for line in handle]
     dm = HHDataModule(data_path=str(root), subsets=["helpful-base"], train_split="test", val_split=None)
-    dm.configure(tokenizer=tokenizer, mode="pair").setup("fit")
+    dm.attach(tokenizer, "pair").setup("fit")
     records = dm.dataset("train").records
     kept = [r for r in raw if r["chosen"] != r["rejected"]]
     assert len(raw) == 2354 and len(records) == 2352 == len(kept)
@@ -100,7 +102,7 @@ def test_hh_real_rows_parse_and_reconstruct(shared_data, tokenizer):
 
 def test_hh_real_all_subsets_counts(shared_data, tokenizer):
     dm = HHDataModule(data_path=str(shared_data / "hh_rlhf"), train_split="test", val_split=None)
-    dm.configure(tokenizer=tokenizer, mode="prompt").setup()
+    dm.attach(tokenizer, "prompt").setup()
     assert len(dm.dataset("train")) == 2312 + 2352  # harmless-base has no chosen == rejected rows
 
 
@@ -128,31 +130,31 @@ HH_BAD_ROWS = [
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
 @pytest.mark.parametrize("bad,field,detail", HH_BAD_ROWS)
-def test_hh_bad_row_names_file_row_field(tmp_path, tokenizer, bad, field, detail, suffix):
+def test_hh_bad_row_names_file_row_field(tmp_path, bad, field, detail, suffix):
     path = write_jsonl(tmp_path / "hh" / f"test{suffix}", [*GOOD, bad])
     dm = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", val_split=None)
     with pytest.raises(DataValidationError) as info:
-        dm.configure(tokenizer=tokenizer, mode="pair").setup()
+        dm.setup()  # validation needs no tokenizer: bad rows fail before any module is attached
     message = str(info.value)
     assert message.startswith(f"{path}: row 3: {field}"), message
     assert detail in message
 
 
-def test_bad_json_names_file_and_row(tmp_path, tokenizer):
+def test_bad_json_names_file_and_row(tmp_path):
     path = write_jsonl(tmp_path / "hh" / "test.jsonl.gz", [*GOOD, GOOD[0], GOOD[1]], raw_lines={4: '{"chosen": '})
     dm = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", val_split=None)
     with pytest.raises(DataValidationError, match="invalid JSON") as info:
-        dm.configure(tokenizer=tokenizer, mode="pair").setup()
+        dm.setup()
     assert str(info.value).startswith(f"{path}: row 4:")
 
 
-def test_unreadable_file_names_file(tmp_path, tokenizer):
+def test_unreadable_file_names_file(tmp_path):
     path = tmp_path / "hh" / "test.jsonl.gz"
     path.parent.mkdir()
     path.write_bytes(b"\x1f\x8b\x08garbage")
     dm = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", val_split=None)
     with pytest.raises(DataValidationError) as info:
-        dm.configure(tokenizer=tokenizer, mode="pair").setup()
+        dm.setup()
     assert str(info.value).startswith(str(path))
 
 
@@ -161,10 +163,19 @@ def test_invalid_configuration_errors(tmp_path, tokenizer):
         HHDataModule(data_path=str(tmp_path), max_length=64, max_prompt_length=64)
     dm = hh_dm(tmp_path, GOOD, tokenizer)
     with pytest.raises(ValueError, match="prompt.*pair.*unpaired.*text"):
-        dm.configure(mode="dpo")
+        dm.attach(tokenizer, "dpo")
     no_tok = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", val_split=None)
     with pytest.raises(ValueError, match="tokenizer"):
-        no_tok.configure(mode="pair").setup()
+        no_tok.attach(None, "pair")
+    no_tok.setup()  # reading and validating needs no tokenizer ...
+    assert no_tok.has_split("train") and not no_tok.has_split("val") and no_tok.data_mode is None
+    unattached = r"call dm\.attach\(tokenizer, data_mode\) or fit it with a lit-align module"
+    probe = lambda: no_tok.probe_batch("train", "pair", 1)  # noqa: E731
+    for use in (lambda: no_tok.dataset("train"), no_tok.train_dataloader, probe):
+        with pytest.raises(NotAttachedError, match=unattached):
+            use()  # ... but batches do
+    with pytest.raises(ValueError, match="no data mode"):
+        no_tok.attach(tokenizer)  # data_mode may be omitted only when the datamodule has mode=
 
 
 # ---- the four modes' batches ------------------------------------------------------------------------------
@@ -289,31 +300,59 @@ def test_text_mode_plain_text_records(tmp_path, tokenizer):
     texts = ["A short line.", "A somewhat longer line of plain text."]
     write_jsonl(tmp_path / "t" / "train.jsonl", [{"text": t} for t in texts])
     dm = PlainTextDataModule(data_path=str(tmp_path / "t"), val_split=None, shuffle=False)
-    dm.configure(tokenizer=tokenizer, mode="text").setup()
+    dm.attach(tokenizer, "text").setup()
     batch = next(iter(dm.train_dataloader()))
     assert torch.equal(batch[COMPLETION_MASK], batch[ATTENTION_MASK])  # every real token is trained on
     for i, text in enumerate(texts):
         assert batch["text"][i] == text
         assert tokenizer.decode(masked(batch[INPUT_IDS][i], batch[COMPLETION_MASK][i])) == text + tokenizer.eos_token
     with pytest.raises(ValueError, match="cannot serve mode 'pair'"):
-        dm.configure(mode="pair").setup()
+        dm.attach(tokenizer, "pair").dataset("train")
 
 
-def test_setup_reads_trainer_module_and_is_idempotent(tmp_path, tokenizer):
+def test_setup_then_attach_builds_lazily_and_is_idempotent(tmp_path, tokenizer):
     write_jsonl(tmp_path / "hh" / "test.jsonl", ROWS)
     dm = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", holdout=2)
-    dm.trainer = SimpleNamespace(
-        lightning_module=SimpleNamespace(tokenizer=tokenizer, data_mode="prompt"), world_size=1
-    )
-    dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=1)
+    dm.setup("fit")  # Lightning's order: datamodule.setup, then LightningModule.setup attaches
+    assert dm.truncation_stats == {} and sum(dm.skip_stats["train"].values()) == 0  # read, not tokenized
+    assert dm.attach(tokenizer, "prompt") is dm
     first = dm.dataset("train")
     dm.setup("validate")
+    dm.attach(tokenizer, "prompt")
     assert dm.dataset("train") is first and dm.data_mode == "prompt"
     assert len(dm.dataset("val")) == 2 and len(dm.dataset("test")) == 2
+    dm.attach(tokenizer, "pair")  # another mode: rebuilt on first use, from the same records
+    assert dm.data_mode == "pair" and dm.dataset("train") is not first
+    assert [r["prompt"] for r in dm.dataset("train").records] == [r["prompt"] for r in first.records]
     override = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", holdout=2, mode="pair")
     override.trainer = dm.trainer
     override.setup("fit")
-    assert override.data_mode == "pair"
+    override.attach(tokenizer, "prompt")  # the datamodule's own mode= wins over the attached data_mode
+    assert override.data_mode == "pair" and override.dataset("train").mode == "pair"
+
+
+class TokenizerPromptDataModule(BenchmarkDataModule):
+    """A benchmark whose parse_row reads the tokenizer but forgot to declare parse_needs_tokenizer."""
+
+    native_mode = "text"
+
+    def parse_row(self, row: dict, where: str) -> dict:
+        return {"text": self.tokenizer.eos_token + require_str(row, "text", where)}
+
+
+def test_parse_row_reading_an_unattached_tokenizer_is_a_clear_error(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "t" / "train.jsonl", [{"text": "A line."}])
+    dm = TokenizerPromptDataModule(data_path=str(tmp_path / "t"), val_split=None)
+    with pytest.raises(NotAttachedError, match="declare parse_needs_tokenizer = True"):
+        dm.setup()
+
+    class Declared(TokenizerPromptDataModule):
+        parse_needs_tokenizer = True
+
+    declared = Declared(data_path=str(tmp_path / "t"), val_split=None)
+    declared.setup()  # reads the file only; rows are parsed once a tokenizer is attached
+    assert declared.attach(tokenizer, "text").dataset("train").records == [{"text": tokenizer.eos_token + "A line."}]
 
 
 # ---- truncation ----------------------------------------------------------------------------------
@@ -333,8 +372,8 @@ def test_truncation_keeps_prompt_tail_and_completion_head(tmp_path, tokenizer):
     n_short = len(tokenizer(short_prompt, add_special_tokens=False).input_ids)
     dm = hh_dm(tmp_path, rows, tokenizer, max_length=24, max_prompt_length=16, shuffle=False, batch_size=4)
     dm.setup()
+    items = dm.dataset("train").items  # tokenized (and counted) on first use
     assert dm.truncation_stats["train"] == {"rows": 4, "prompt_truncated": 2, "completion_truncated": 2}
-    items = dm.dataset("train").items
     for item in (items[1], items[3]):
         assert len(item["prompt_ids"]) == 16
         kept = tokenizer.decode(item["prompt_ids"])
@@ -400,7 +439,7 @@ def test_tldr_fixture_parsing_and_split_selection(tmp_path, tokenizer):
     ]
     path = write_jsonl(tmp_path / "batch1.jsonl.gz", rows)
     dm = TLDRDataModule(data_path=str(path), train_split="valid2", val_split="valid1")
-    dm.configure(tokenizer=tokenizer, mode="pair").setup()
+    dm.attach(tokenizer, "pair").setup()
     train, val = dm.dataset("train").records, dm.dataset("val").records
     assert train[0] == {
         "prompt": "SUBREDDIT: r/tifu\nTITLE: Title 0\nPOST: Post body 0.\nTL;DR:",
@@ -411,7 +450,7 @@ def test_tldr_fixture_parsing_and_split_selection(tmp_path, tokenizer):
     assert len(train) == 2 and sum(dm.skip_stats["train"].values()) == 1
     assert [r["prompt"] for r in val] == ["SUBREDDIT: r/tifu\nTITLE: Title 1\nPOST: Post body 1.\nTL;DR:"]
     with pytest.raises(ValueError, match="valid2"):
-        TLDRDataModule(data_path=str(path)).configure(tokenizer=tokenizer, mode="pair").setup()
+        TLDRDataModule(data_path=str(path)).attach(tokenizer, "pair").setup()
 
 
 @pytest.mark.parametrize(
@@ -424,13 +463,13 @@ def test_tldr_fixture_parsing_and_split_selection(tmp_path, tokenizer):
         (lambda r: r["summaries"][1].update(text=None), "field 'summaries[1].text'"),
     ],
 )
-def test_tldr_bad_rows(tmp_path, tokenizer, change, field):
+def test_tldr_bad_rows(tmp_path, change, field):
     bad = tldr_row(2, "valid2")
     change(bad)
     path = write_jsonl(tmp_path / "b.jsonl", [tldr_row(0, "valid2"), tldr_row(1, "valid2"), bad])
     dm = TLDRDataModule(data_path=str(path), train_split="valid2", val_split=None)
     with pytest.raises(DataValidationError) as info:
-        dm.configure(tokenizer=tokenizer, mode="pair").setup()
+        dm.setup()
     assert str(info.value).startswith(f"{path}: row 3: {field}"), str(info.value)
 
 
@@ -439,7 +478,7 @@ def test_tldr_real_file(shared_data, tokenizer):
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         first = json.loads(handle.readline())
     dm = TLDRDataModule(data_path=str(path), train_split="valid2", val_split="valid1")
-    dm.configure(tokenizer=tokenizer, mode="pair").setup()
+    dm.attach(tokenizer, "pair").setup()
     assert len(dm.dataset("train")) == 832 and len(dm.dataset("val")) == 265
     record = (dm.dataset("train") if first["split"] == "valid2" else dm.dataset("val")).records[0]
     info = first["info"]
@@ -466,7 +505,7 @@ def uf_row(i: int, good: str = "Good answer.", bad: str = "Bad answer.") -> dict
 def test_ultrafeedback_chat_template_and_plain(tmp_path, tokenizer):
     write_jsonl(tmp_path / "uf" / "train_prefs.jsonl", [uf_row(1), uf_row(2), uf_row(3, "Same.", "Same.")])
     write_jsonl(tmp_path / "uf" / "test_prefs.jsonl.gz", [uf_row(4)])
-    dm = UltraFeedbackDataModule(data_path=str(tmp_path / "uf")).configure(tokenizer=tokenizer, mode="pair")
+    dm = UltraFeedbackDataModule(data_path=str(tmp_path / "uf")).attach(tokenizer, "pair")
     dm.setup()
     record = dm.dataset("train").records[0]
     expected = tokenizer.apply_chat_template(
@@ -480,7 +519,7 @@ def test_ultrafeedback_chat_template_and_plain(tmp_path, tokenizer):
     plain_tok = copy.deepcopy(tokenizer)
     plain_tok.chat_template = None
     plain = UltraFeedbackDataModule(data_path=str(tmp_path / "uf"), val_split=None)
-    plain.configure(tokenizer=plain_tok, mode="pair").setup()
+    plain.attach(plain_tok, "pair").setup()
     assert plain.dataset("train").records[0] == {
         "prompt": "\n\nHuman: What is 1 + 1?\n\nAssistant:",
         "chosen": " Good answer.",
@@ -504,13 +543,13 @@ def test_ultrafeedback_bad_rows(tmp_path, tokenizer, change, field):
     path = write_jsonl(tmp_path / "uf.jsonl", [uf_row(1), uf_row(2), bad])
     dm = UltraFeedbackDataModule(data_path=str(path), val_split=None)
     with pytest.raises(DataValidationError) as info:
-        dm.configure(tokenizer=tokenizer, mode="pair").setup()
+        dm.attach(tokenizer, "pair").setup()
     assert str(info.value).startswith(f"{path}: row 3: {field}"), str(info.value)
 
 
 def test_single_file_without_holdout_has_no_val_split(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "uf.jsonl", [uf_row(1), uf_row(2)])
-    dm = UltraFeedbackDataModule(data_path=str(path)).configure(tokenizer=tokenizer, mode="pair")
+    dm = UltraFeedbackDataModule(data_path=str(path)).attach(tokenizer, "pair")
     with pytest.raises(ValueError, match="single file"):
         dm.setup()
 
@@ -519,7 +558,7 @@ def test_data_modes_constant():
     assert DATA_MODES == ("prompt", "pair", "unpaired", "text")
 
 
-def test_trainer_fit_reads_tokenizer_and_mode_from_module(tmp_path, tokenizer):
+def test_trainer_fit_attaches_tokenizer_and_mode_from_module(tmp_path, tokenizer):
     import lightning as L
 
     class Probe(L.LightningModule):
@@ -530,6 +569,9 @@ def test_trainer_fit_reads_tokenizer_and_mode_from_module(tmp_path, tokenizer):
             self.tokenizer = tokenizer
             self.weight = torch.nn.Parameter(torch.zeros(()))
             self.sizes: list[int] = []
+
+        def setup(self, stage):  # what AlignmentModule.setup does
+            self.trainer.datamodule.attach(self.tokenizer, self.data_mode)
 
         def training_step(self, batch, batch_idx):
             assert {KL_INPUT_IDS, LABEL, INDEX} <= set(batch)
@@ -557,3 +599,33 @@ def test_trainer_fit_reads_tokenizer_and_mode_from_module(tmp_path, tokenizer):
     trainer.fit(module, datamodule=dm)
     # 3 pairs -> 6 unpaired train rows (batches of 3); 2 held-out pairs -> 4 val rows (3 + 1, the 1 dropped)
     assert sorted(module.sizes) == [-3, 3, 3] and dm.data_mode == "unpaired" and dm.dropped_rows["val"] == 1
+
+
+def test_fit_with_a_lit_align_module_attaches_without_any_call(tmp_path):
+    import lightning as L
+
+    from lit_align import SFTModule
+
+    write_jsonl(tmp_path / "hh" / "test.jsonl", ROWS)
+    dm = HHDataModule(data_path=str(tmp_path / "hh"), train_split="test", val_split=None, batch_size=5)
+    module = SFTModule(model="tiny-llama")
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 1 and dm.data_mode == "text" and dm.tokenizer is module.tokenizer
+
+
+def test_pad_left_right_and_fixed_width():
+    rows = [[1, 2, 3], [4], []]
+    assert pad(rows, 0, "right").tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
+    assert pad(rows, 9, "left").tolist() == [[1, 2, 3], [9, 9, 4], [9, 9, 9]]
+    assert pad(rows, 0, "right", width=5).tolist() == [[1, 2, 3, 0, 0], [4, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    assert pad(rows, 7, "left", width=4).tolist() == [[7, 1, 2, 3], [7, 7, 7, 4], [7, 7, 7, 7]]
+    assert pad(rows, 0).dtype == torch.long

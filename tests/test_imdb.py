@@ -65,7 +65,7 @@ def test_real_rows_first_half_tail_truncated_and_reconstruct(shared_data, tokeni
     cleaned = {" ".join(re.sub("<br />", " ", t).split()): t for t in raw_texts}
 
     dm = IMDBDataModule(data_path=str(path), val_split=None, holdout=16, limit_train=48, batch_size=16)
-    dm.configure(tokenizer=tokenizer, mode="prompt").setup()
+    dm.attach(tokenizer, "prompt").setup()
     assert dm.max_prompt_length == 64
     records = dm.dataset("train").records
     assert len(records) == 48 and len(dm.dataset("val")) == 16
@@ -127,7 +127,7 @@ def test_shipped_openers_file():
 
 def test_shipped_openers_default_left_padded_and_holdout_disjoint(tokenizer):
     _, lines = opener_lines()
-    dm = IMDBDataModule(batch_size=8).configure(tokenizer=tokenizer, mode="prompt")
+    dm = IMDBDataModule(batch_size=8).attach(tokenizer, "prompt")
     assert dm.data_path == SHIPPED_OPENERS and dm.holdout == 32
     dm.setup()
     train = [r[PROMPT] for r in dm.dataset("train").records]
@@ -183,8 +183,10 @@ def test_short_reviews_skipped_and_counted(tmp_path, tokenizer):
     rows = [review(i) for i in range(6)] + [{"label": 1, "text": "Too short.<br /><br />Really."}, review(9, words=5)]
     # review(9, words=5) has 2 + 5 = 7 words (< 8); min_words counts the cleaned words
     write_reviews(tmp_path / "imdb" / "train.jsonl", rows)
-    dm = IMDBDataModule(data_path=str(tmp_path / "imdb"), val_split=None).configure(tokenizer=tokenizer)
-    dm.configure(mode="prompt").setup()
+    dm = IMDBDataModule(data_path=str(tmp_path / "imdb"), val_split=None)
+    dm.setup()  # skips are counted when the rows are read, before any tokenizer is attached
+    assert sum(dm.skip_stats["train"].values()) == 2
+    dm.attach(tokenizer, "prompt")
     assert len(dm.dataset("train")) == 6
     assert sum(dm.skip_stats["train"].values()) == 2
     assert "min_words=8" in next(iter(dm.skip_stats["train"]))
@@ -209,7 +211,7 @@ def test_label_filter(tmp_path, tokenizer):
     rows = [review(i, label=i % 2) for i in range(10)]
     write_reviews(tmp_path / "imdb" / "train.jsonl", rows)
     dm = IMDBDataModule(data_path=str(tmp_path / "imdb"), val_split=None, label=0)
-    dm.configure(tokenizer=tokenizer, mode="prompt").setup()
+    dm.attach(tokenizer, "prompt").setup()
     kept = {r[PROMPT].split(".")[0] for r in dm.dataset("train").records}
     assert kept == {f"Review {i}" for i in range(0, 10, 2)}
     assert dm.skip_stats["train"] == {"label != 0 (label filter)": 5}
@@ -226,7 +228,7 @@ def test_label_filter(tmp_path, tokenizer):
 
 def test_text_mode_is_the_cleaned_review(tmp_path, tokenizer):
     write_reviews(tmp_path / "imdb" / "train.jsonl", [review(i) for i in range(4)])
-    dm = IMDBDataModule(data_path=str(tmp_path / "imdb"), val_split=None).configure(tokenizer=tokenizer, mode="text")
+    dm = IMDBDataModule(data_path=str(tmp_path / "imdb"), val_split=None).attach(tokenizer, "text")
     dm.setup()
     batch = next(iter(dm.dataloader("train")))
     assert batch["text"] == [clean_review(review(i)["text"]) for i in range(4)]

@@ -9,14 +9,15 @@ import torch
 from sacrebleu.metrics import BLEU
 
 from datamodules import PivotTranslationDataModule
-from datamodules.base import DataValidationError
+from datamodules.multi30k import INSTRUCTION, translation_prompt
+from datamodules.readers import DataValidationError
 from lit_align.rewards import PivotBLEUReward
 
 
 def test_real_multi30k_rows_are_line_aligned(shared_data, tokenizer):
     directory = shared_data / "multi30k"
     dm = PivotTranslationDataModule(data_path=str(directory), val_split="val", limit_train=4, batch_size=4)
-    dm.configure(tokenizer=tokenizer, mode="prompt").setup("fit")
+    dm.attach(tokenizer, "prompt").setup("fit")
     lines = {
         lang: gzip.open(directory / f"val.{lang}.gz", "rt", encoding="utf-8").read().splitlines()
         for lang in ("en", "fr", "de")
@@ -35,11 +36,20 @@ def test_real_multi30k_rows_are_line_aligned(shared_data, tokenizer):
 def test_misaligned_files_name_the_files(tmp_path, tokenizer):
     for lang, count in (("en", 3), ("fr", 3), ("de", 2)):
         (tmp_path / f"train.{lang}").write_text("".join(f"{lang} sentence {i}\n" for i in range(count)))
-    dm = PivotTranslationDataModule(data_path=str(tmp_path), val_split=None).configure(
-        tokenizer=tokenizer, mode="prompt"
-    )
+    dm = PivotTranslationDataModule(data_path=str(tmp_path), val_split=None)
     with pytest.raises(DataValidationError, match=r"not aligned.*train\.de"):
-        dm.setup("fit")
+        dm.setup("fit")  # the files are read (and checked) before any tokenizer is attached
+
+
+def test_prompts_use_the_attached_tokenizer_after_setup(tmp_path, tokenizer):
+    for lang in ("en", "fr", "de"):
+        (tmp_path / f"train.{lang}").write_text(f"{lang} one\n{lang} two\n")
+    dm = PivotTranslationDataModule(data_path=str(tmp_path), val_split=None, batch_size=2)
+    dm.setup("fit")  # Lightning's order: no tokenizer yet, so the chat-templated prompts wait for attach
+    dm.attach(tokenizer, "prompt")
+    prompts = [r["prompt"] for r in dm.dataset("train").records]
+    assert prompts == [translation_prompt(tokenizer, INSTRUCTION.format(sentence=f"en {w}")) for w in ("one", "two")]
+    assert prompts[0].startswith("<|im_start|>")  # the embedded tokenizer's chat template
 
 
 def test_pivot_reward_is_bleu_of_the_german_leg_and_reports_the_french_leg():
@@ -49,6 +59,8 @@ def test_pivot_reward_is_bleu_of_the_german_leg_and_reports_the_french_leg():
         "reference": ["Un homme dort.", "Un chat mange."],
         "reference_de": ["Ein Mann schläft.", "Zwei Hunde spielen."],
     }
+    instruction = "Translate this French sentence into German. Answer with the translation only.\n" + french[0]
+    assert reward.translation_prompt(" " + french[0]) == translation_prompt(reward.tokenizer, instruction)
     german = reward.translate(french)
     bleu = BLEU(effective_order=True)
     expected = [bleu.sentence_score(g, [r]).score / 100 for g, r in zip(german, batch["reference_de"], strict=True)]

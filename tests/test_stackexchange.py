@@ -40,7 +40,7 @@ def make_dm(tmp_path, rows, **kwargs):
 
 def test_prompt_chosen_rejected(tmp_path, tokenizer):
     dm = make_dm(tmp_path, [se_row(0), se_row(1), se_row(2)])
-    dm.configure(tokenizer=tokenizer, mode="pair").setup("fit")
+    dm.attach(tokenizer, "pair").setup("fit")
     records = dm.dataset("train").records
     assert len(records) == 3
     assert records[0] == {
@@ -53,16 +53,16 @@ def test_prompt_chosen_rejected(tmp_path, tokenizer):
 
 def test_equal_answers_skipped_and_counted(tmp_path, tokenizer):
     dm = make_dm(tmp_path, [se_row(0), se_row(1, response_k="Use sorted(xs) for list 1."), se_row(2)])
-    dm.configure(tokenizer=tokenizer, mode="pair").setup("fit")
+    dm.attach(tokenizer, "pair").setup("fit")
     assert len(dm.dataset("train")) == 2
     assert sum(dm.skip_stats["train"].values()) == 1
     assert "response_j == response_k" in next(iter(dm.skip_stats["train"]))
 
 
-def test_missing_response_k_names_file_row_field(tmp_path, tokenizer):
+def test_missing_response_k_names_file_row_field(tmp_path):
     dm = make_dm(tmp_path, [se_row(0), se_row(1, response_k=None), se_row(2)])
     with pytest.raises(DataValidationError) as info:
-        dm.configure(tokenizer=tokenizer, mode="pair").setup("fit")
+        dm.setup("fit")  # validation needs no tokenizer
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'se' / 'train.jsonl'}: row 2: field 'response_k'"), message
 
@@ -70,8 +70,8 @@ def test_missing_response_k_names_file_row_field(tmp_path, tokenizer):
 def test_pair_batch_equal_width(tmp_path, tokenizer):
     rows = [se_row(0), se_row(1, response_k="A much longer rejected answer. " * 5), se_row(2)]
     dm = make_dm(tmp_path, rows, batch_size=3)
-    dm.configure(tokenizer=tokenizer, mode="pair")
     dm.setup("fit")
+    dm.attach(tokenizer, "pair")
     batch = next(iter(dm.dataloader("train")))
     assert batch[CHOSEN_INPUT_IDS].shape == batch[REJECTED_INPUT_IDS].shape
     assert batch[CHOSEN_INPUT_IDS].shape[0] == 3
