@@ -26,7 +26,7 @@ from lit_align.generation import sample_responses
 from lit_align.logprobs import SequenceLogps, sequence_logprobs
 from lit_align.metrics import StageMetrics
 from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
-from lit_align.strategies import fully_shard_models, gathered_weights
+from lit_align.strategies import full_state_dict, fully_shard_models, gathered_weights
 
 
 class AlignmentModule(L.LightningModule):
@@ -358,8 +358,7 @@ class AlignmentModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates: the policy's trainable weights and those of any extra trainable modules."""
-        modules = [self.policy, *self.extra_trainable_modules()]
-        return [p for module in modules for p in module.parameters() if p.requires_grad]
+        return list(self.trainable_named_parameters(include_extra=True).values())
 
     def optimizer_steps_per_batch(self) -> int:
         """Optimizer steps one training batch makes (1; PPO makes ppo_epochs × num_mini_batches)."""
@@ -403,14 +402,8 @@ class AlignmentModule(L.LightningModule):
 
         Under FSDP2 the full state dict is gathered on every rank (a collective) and rank 0 writes it.
         """
-        from torch.distributed.fsdp import FSDPModule
-
         directory = Path(directory)
-        state = None
-        if isinstance(self.policy, FSDPModule):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = full_state_dict(self.policy)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
         model = self.policy

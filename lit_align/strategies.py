@@ -5,7 +5,7 @@
 * :class:`DecoderLayerWrapPolicy` — an FSDP1 ``auto_wrap_policy`` (Lightning's ``FSDPStrategy``) that gives each
   decoder layer its own FSDP unit.
 * FSDP2 mechanics every module shares: :func:`fully_shard_models` (per decoder layer, then the root),
-  :func:`gathered_weights` (one all-gather per ``generate`` call) and :func:`reshard`.
+  :func:`gathered_weights` (one all-gather per ``generate`` call), :func:`reshard` and :func:`full_state_dict`.
 
 Configs: ``configs/strategies/{ddp,fsdp,fsdp2}.yaml``, stacked onto any benchmark config.
 """
@@ -115,6 +115,18 @@ def gathered_weights(model: nn.Module) -> Iterator[None]:
             if isinstance(module, FSDPModule):
                 # the root stays unsharded after forward (FSDP2's own default: backward needs it right away)
                 module.set_reshard_after_forward(module is not model, recurse=False)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of an FSDP2 model, gathered to CPU on every rank (a collective: all ranks call it);
+    None for an unsharded model, whose own ``state_dict`` is already whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def reshard(model: nn.Module) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,7 @@ def test_config_and_command_line_trainer_settings_win_over_the_defaults(tmp_path
     """In process, with configs/trainer/default.yaml and (an install without configs/) with the in-code fallback."""
     from lit_align import cli
 
+    monkeypatch.setattr(sys, "argv", ["lit-align"])  # pytest's own arguments are not the CLI's
     if defaults_file == "missing":
         monkeypatch.setattr(cli, "TRAINER_DEFAULTS_FILE", tmp_path / "no_such_default.yaml")
 

@@ -85,6 +85,16 @@ def toy_data(num_train: int, batch_size: int) -> ControlledGenerationDataModule:
     return ControlledGenerationDataModule(num_train=num_train, num_val=0, batch_size=batch_size, seed=0)
 
 
+def towards_amazing(toy_lm: str, **overrides) -> DistributionMatchingModule:
+    """Distribution matching of the toy LM towards its completions that contain "amazing" (a constant learning
+    rate, 3 new tokens)."""
+    settings = dict(max_new_tokens=NEW_TOKENS, lr_scheduler="constant")
+    settings.update(overrides)
+    return DistributionMatchingModule(
+        PointwiseConstraint({"amazing": WordFeature("amazing")}), model=toy_lm, **settings
+    )
+
+
 def test_the_toy_enumeration_is_a_distribution(toy_lm):
     from transformers import AutoModelForCausalLM
 
@@ -159,15 +169,7 @@ def test_dpg_reduces_the_exact_kl_to_the_target(toy_lm, baseline):
     log_a = exact_logprobs(AutoModelForCausalLM.from_pretrained(toy_lm), completions)
     start = exact_kl_p_pi(log_a, b, log_a)
     torch.manual_seed(0)
-    module = DistributionMatchingModule(
-        target=PointwiseConstraint({"amazing": WordFeature("amazing")}),
-        model=toy_lm,
-        baseline=baseline,
-        max_new_tokens=NEW_TOKENS,
-        proposal_update_every=5,
-        learning_rate=3e-3,
-        lr_scheduler="constant",
-    )
+    module = towards_amazing(toy_lm, baseline=baseline, proposal_update_every=5, learning_rate=3e-3)
     fit(module, toy_data(num_train=40 * 64, batch_size=64), max_steps=40)
     end = exact_kl_p_pi(log_a, b, exact_logprobs(module.policy, completions))
     assert end < 0.5 * start, (start, end)
@@ -209,18 +211,11 @@ def exact_logprobs_with_grad(model: torch.nn.Module, completion: list[int]) -> t
 
 def test_the_proposal_is_replaced_only_when_the_kl_estimate_improves(toy_lm):
     torch.manual_seed(0)
-    module = DistributionMatchingModule(
-        target=PointwiseConstraint({"amazing": WordFeature("amazing")}),
-        model=toy_lm,
-        max_new_tokens=NEW_TOKENS,
-        proposal_update_every=10_000,  # no automatic check during fit
-        learning_rate=3e-3,
-        lr_scheduler="constant",
-    )
+    module = towards_amazing(toy_lm, proposal_update_every=10_000, learning_rate=3e-3)  # no automatic check in fit
     fit(module, toy_data(num_train=30 * 64, batch_size=64), max_steps=30)
     trained = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     proposal_before = {n: p.detach().clone() for n, p in module.proposal.named_parameters()}
-    data = toy_data(num_train=256, batch_size=256).configure(module.tokenizer, "prompt")
+    data = toy_data(num_train=256, batch_size=256).attach(module.tokenizer, "prompt")
     data.setup("fit")
     batch = next(iter(data.dataloader("train")))
 
@@ -305,13 +300,7 @@ def test_elastic_reset_and_interpolation_work_on_distribution_matching(toy_lm):
     from callbacks import ElasticReset, WeightInterpolation
 
     recorder, decay, alpha = Recorder(), 0.5, 0.25
-    module = DistributionMatchingModule(
-        target=PointwiseConstraint({"amazing": WordFeature("amazing")}),
-        model=toy_lm,
-        max_new_tokens=NEW_TOKENS,
-        learning_rate=3e-3,
-        lr_scheduler="constant",
-    )
+    module = towards_amazing(toy_lm, learning_rate=3e-3)
     callbacks = [recorder, ElasticReset(reset_every=2, decay=decay), WeightInterpolation(alpha=alpha)]
     torch.manual_seed(0)
     fit(module, toy_data(num_train=128, batch_size=64), callbacks, max_steps=2)
@@ -326,14 +315,9 @@ def test_elastic_reset_and_interpolation_work_on_distribution_matching(toy_lm):
 
 def test_the_logged_gradient_variance_matches_per_sample_gradients(toy_lm):
     torch.manual_seed(0)
-    module = DistributionMatchingModule(
-        target=PointwiseConstraint({"amazing": WordFeature("amazing")}),
-        model=toy_lm,
-        max_new_tokens=NEW_TOKENS,
-        learning_rate=0.0,
-    )
+    module = towards_amazing(toy_lm, learning_rate=0.0)
     fit(module, toy_data(num_train=64, batch_size=64), max_steps=1)
-    data = toy_data(num_train=16, batch_size=16).configure(module.tokenizer, "prompt")
+    data = toy_data(num_train=16, batch_size=16).attach(module.tokenizer, "prompt")
     data.setup("fit")
     batch = next(iter(data.dataloader("train")))
     with torch.no_grad():

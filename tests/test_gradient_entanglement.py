@@ -199,7 +199,7 @@ def test_normalized_step_is_the_pairwise_normalized_direction(hh_dir):
     module = DPOModule(model="tiny-llama", beta=0.5, normalize_pair_gradients=True)
     module.configure_model()
     data = pairs(hh_dir, batch_size=2)
-    data.configure(tokenizer=module.tokenizer, mode="pair")
+    data.attach(module.tokenizer, "pair")
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     module.log_values = lambda *args, **kwargs: None  # no trainer here; logging is tested elsewhere

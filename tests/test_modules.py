@@ -26,7 +26,7 @@ def test_dpo_learns_the_training_preferences(hh_dir):
     torch.manual_seed(0)
     module = DPOModule(model="tiny-llama", beta=0.1, learning_rate=2e-3, lr_scheduler="constant")
     data = hh(hh_dir)
-    data.configure(tokenizer=module.tokenizer, mode="pair")
+    data.attach(module.tokenizer, "pair")
     module.configure_model()
     before = evaluate_on_train(module, data)
     fit(module, data, max_epochs=12)
@@ -114,7 +114,7 @@ def test_kto_rejects_batch_size_one(hh_dir):
 def test_sft_loss_is_cross_entropy_on_completion_tokens(hh_dir):
     module = SFTModule(model="tiny-llama")
     module.configure_model()
-    data = hh(hh_dir, limit_train=4).configure(tokenizer=module.tokenizer, mode="text")
+    data = hh(hh_dir, limit_train=4).attach(module.tokenizer, "text")
     data.setup("fit")
     batch = next(iter(data.dataloader("train")))
     module.log = lambda *args, **kwargs: None  # outside a Trainer
@@ -133,7 +133,7 @@ def test_sft_lowers_perplexity_and_exports_a_loadable_model(hh_dir, tmp_path):
     torch.manual_seed(0)
     module = SFTModule(model="tiny-llama", learning_rate=3e-3, export_dir=str(tmp_path / "export"))
     data = hh(hh_dir)
-    data.configure(tokenizer=module.tokenizer, mode="text")
+    data.attach(module.tokenizer, "text")
     module.configure_model()
     before = evaluate_on_train(module, data)
     fit(module, data, max_epochs=4)

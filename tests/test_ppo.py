@@ -78,7 +78,7 @@ def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, est
     L.seed_everything(0)
     module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=0.0)
     data = prompts(hh_dir, batch_size=batch_size)
-    data.configure(tokenizer=module.tokenizer, mode="prompt")
+    data.attach(module.tokenizer, "prompt")
     module.configure_model()
     before, kl_before = evaluate_on_training_prompts(module, data)
     fit(module, data, max_epochs=epochs)
