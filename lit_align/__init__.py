@@ -3,6 +3,7 @@
 from lit_align.base import AlignmentModule
 from lit_align.distribution_matching import DistributionMatchingModule
 from lit_align.dpo import DPOModule
+from lit_align.generation import SamplingSettings
 from lit_align.kto import KTOModule
 from lit_align.logprobs import sequence_logprobs, token_logprobs
 from lit_align.models import EMBEDDED_MODEL, TINY_MODEL, LoraSettings, load_causal_lm, load_tokenizer
@@ -21,6 +22,7 @@ __all__ = [
     "PPOModule",
     "RewardModelModule",
     "SFTModule",
+    "SamplingSettings",
     "load_causal_lm",
     "load_tokenizer",
     "sequence_logprobs",

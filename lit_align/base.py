@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, get_scheduler
 
 from datamodules.keys import INDEX
-from lit_align.generation import sample_responses
+from lit_align.generation import SamplingSettings, sample_responses
 from lit_align.logprobs import SequenceLogps, sequence_logprobs
 from lit_align.metrics import StageMetrics
 from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
@@ -205,7 +205,7 @@ class AlignmentModule(L.LightningModule):
     # ---- sampling -------------------------------------------------------------------------------------------------
 
     def generate_responses(
-        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, **sampling
+        self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingSettings
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:func:`sample_responses` from ``model`` (policy, proposal...), correct under sharding.
 
@@ -215,7 +215,7 @@ class AlignmentModule(L.LightningModule):
         """
         synced = self.num_ranks > 1
         with gathered_weights(model) if self.hparams.gather_for_generation else nullcontext():
-            return sample_responses(model, self.tokenizer, prompt_ids, prompt_mask, synced_gpus=synced, **sampling)
+            return sample_responses(model, self.tokenizer, prompt_ids, prompt_mask, sampling, synced_gpus=synced)
 
     # ---- steps: each algorithm implements ``shared_step(batch, stage)`` ----------------------------------------
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
-from lit_align.generation import decode_responses
+from lit_align.generation import SamplingSettings, decode_responses
 from lit_align.logprobs import response_logprobs
 from lit_align.losses import dpg_loss, masked_mean_var
 from lit_align.metrics import DIVERSITY_NAMES, StageMetrics, diversity_scores
@@ -52,8 +52,9 @@ class DistributionMatchingModule(AlignmentModule):
         baseline: GDC++'s baseline Ẑ·π/q (True) or plain KL-DPG (False).
         proposal_update_every: optimizer steps between proposal checks (GDC code: 10).
         clip_weights: cap on the importance weights P/q (None: no clipping, as in the papers).
-        max_new_tokens, temperature, top_k, top_p: sampling. The papers sample pure ancestrally (temperature 1,
-            no top-k/top-p); anything else makes q(x) differ from the distribution samples come from.
+        sampling: :class:`~lit_align.generation.SamplingSettings` or a dict of its fields (default 40 new tokens).
+            The papers sample pure ancestrally (temperature 1, no top-k/top-p); anything else makes q(x) differ
+            from the distribution samples come from.
         moment_matching_samples: samples from a for fitting λ of a distributional target (GDC code: 10240).
         grad_variance_every: every N steps, log the variance of per-sample gradients, mean‖g_i‖² − ‖ḡ‖²
             (expensive: one backward per sample; 0 = off).
@@ -84,18 +85,17 @@ class DistributionMatchingModule(AlignmentModule):
         baseline: bool = True,
         proposal_update_every: int = 10,
         clip_weights: float | None = None,
-        max_new_tokens: int = 40,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        sampling: SamplingSettings = SamplingSettings(max_new_tokens=40),
         moment_matching_samples: int = 1024,
         grad_variance_every: int = 0,
         **kwargs,
     ) -> None:
         if proposal_update_every < 1:
             raise ValueError(f"proposal_update_every must be >= 1, got {proposal_update_every}")
+        sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["target"])
+        self.sampling = sampling
         self.target = target
         feature_metrics = tuple(f"constraints/{name}" for name in target.feature_names)
         self.metrics = StageMetrics(self.metric_names + feature_metrics, self.extra_metrics())
@@ -123,7 +123,7 @@ class DistributionMatchingModule(AlignmentModule):
     def sequence_logprobs_of(self, model: nn.Module, sequences: Tensor, attention_mask: Tensor, width: int,
                              response_mask: Tensor) -> Tensor:  # fmt: skip
         """log model(x) of each sampled completion: the sum over its tokens up to and including EOS."""
-        logprobs, _, _ = response_logprobs(model, sequences, attention_mask, width, self.hparams.temperature)
+        logprobs, _, _ = response_logprobs(model, sequences, attention_mask, width, self.sampling.temperature)
         return (logprobs * response_mask.to(logprobs.dtype)).sum(-1)
 
     def reference_sequence_logprobs(self, sequences, attention_mask, width, response_mask) -> Tensor:
@@ -133,11 +133,8 @@ class DistributionMatchingModule(AlignmentModule):
 
     def sample(self, model: nn.Module, batch: dict) -> tuple[Tensor, Tensor, Tensor, int, list[str]]:
         prompt_ids, prompt_mask = batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK]
-        hp = self.hparams
-        sequences, attention_mask, response_mask = self.generate_responses(
-            model, prompt_ids, prompt_mask,
-            max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p,
-        )  # fmt: skip
+        sampled = self.generate_responses(model, prompt_ids, prompt_mask, self.sampling)
+        sequences, attention_mask, response_mask = sampled
         width = prompt_ids.shape[1]
         _, completions = decode_responses(self.tokenizer, sequences, width, response_mask)
         return sequences, attention_mask, response_mask, width, completions

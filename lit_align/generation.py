@@ -4,9 +4,56 @@ matching). Sharding concerns (synced forward calls, gathered weights) are handle
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How a module samples its responses (``transformers.GenerationConfig`` fields; generation stops at EOS).
+
+    Pure ancestral sampling (temperature 1, no top-k / top-p) is the default: log-probs are then those of the
+    distribution the samples come from, which PPO's ratios and distribution matching's importance weights assume.
+    """
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+            )
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if problems:
+            raise ValueError("sampling: " + "; ".join(problems))
+
+    @classmethod
+    def of(cls, value: SamplingSettings | dict) -> SamplingSettings:
+        """``value`` as settings; a dict of fields (from Python) is checked for unknown names."""
+        if isinstance(value, cls):
+            return value
+        valid = [f.name for f in fields(cls)]
+        if unknown := sorted(set(value) - set(valid)):
+            raise ValueError(f"sampling: unknown settings {unknown}; valid: {valid}")
+        return cls(**value)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @torch.no_grad()
@@ -15,12 +62,7 @@ def sample_responses(
     tokenizer,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
-    *,
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: SamplingSettings,
     synced_gpus: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample responses to left-padded prompts; returns (sequences, attention mask, response mask up to and
@@ -28,11 +70,11 @@ def sample_responses(
     eos = tokenizer.eos_token_id
     config = GenerationConfig(
         do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        max_new_tokens=sampling.max_new_tokens,
+        min_new_tokens=sampling.min_new_tokens,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         use_cache=True,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule
-from lit_align.generation import decode_responses
+from lit_align.generation import SamplingSettings, decode_responses
 from lit_align.logprobs import position_ids, response_logprobs, token_logprobs
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean, masked_whiten
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics, diversity_scores
@@ -128,7 +128,8 @@ class PPOModule(AlignmentModule):
         kl_coef: β of the per-token KL penalty to the reference (initial value when ``adaptive_kl``).
         kl_estimator: ``k1`` (log-ratio) or ``k3`` (non-negative, lower variance).
         adaptive_kl, target_kl, kl_horizon: Ziegler et al.'s controller; β moves towards ``target_kl`` (per sequence).
-        max_new_tokens, min_new_tokens, temperature, top_k, top_p: sampling (generation stops at EOS).
+        sampling: how responses are sampled (:class:`~lit_align.generation.SamplingSettings`, or a dict of its
+            fields; default 32 new tokens, temperature 1).
         samples_per_prompt: completions per prompt (k); the group baselines need k ≥ 2.
         advantage_estimator: ``gae`` (PPO with a critic), ``rloo`` (leave-one-out), ``grpo`` (group-normalised).
         gamma, lam: GAE's discount and λ.
@@ -177,11 +178,7 @@ class PPOModule(AlignmentModule):
         adaptive_kl: bool = False,
         target_kl: float = 6.0,
         kl_horizon: int = 10_000,
-        max_new_tokens: int = 32,
-        min_new_tokens: int = 0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        sampling: SamplingSettings = SamplingSettings(),
         samples_per_prompt: int = 1,
         advantage_estimator: str = "gae",
         gamma: float = 1.0,
@@ -205,8 +202,10 @@ class PPOModule(AlignmentModule):
         if advantage_estimator != "gae" and samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator={advantage_estimator!r} needs samples_per_prompt >= 2")
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the estimator name early
+        sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["reward"])
+        self.sampling = sampling
         self.automatic_optimization = False
         self.reward = reward.freeze() if isinstance(reward, RewardFunction) else reward
         task_scores = tuple(getattr(reward, "task_score_names", ()))  # e.g. the pivot game's drift/bleu_fr
@@ -253,7 +252,7 @@ class PPOModule(AlignmentModule):
         V(s_t) of the states before each response token, and the per-token logits' entropy."""
         wants_hidden = with_values and self.value_trunk is None
         logprobs, logits, out = response_logprobs(
-            model, sequences, attention_mask, prompt_width, self.hparams.temperature, wants_hidden
+            model, sequences, attention_mask, prompt_width, self.sampling.temperature, wants_hidden
         )
         values = None
         if with_values:
@@ -279,17 +278,7 @@ class PPOModule(AlignmentModule):
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Sample responses from the policy; (sequences, attention mask, response mask up to and including EOS)."""
-        hp = self.hparams
-        return self.generate_responses(
-            self.policy,
-            prompt_ids,
-            prompt_mask,
-            max_new_tokens=hp.max_new_tokens,
-            min_new_tokens=hp.min_new_tokens,
-            temperature=hp.temperature,
-            top_k=hp.top_k,
-            top_p=hp.top_p,
-        )
+        return self.generate_responses(self.policy, prompt_ids, prompt_mask, self.sampling)
 
     def decode(self, sequences: Tensor, prompt_width: int, response_mask: Tensor) -> tuple[list[str], list[str]]:
         return decode_responses(self.tokenizer, sequences, prompt_width, response_mask)

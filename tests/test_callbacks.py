@@ -114,7 +114,7 @@ def test_elastic_reset_on_ppo_counts_every_manual_optimizer_step(hh_dir):
         model="tiny-llama",
         reward=CallableReward(lambda prompts, completions: [float(len(c)) for c in completions]),
         advantage_estimator="gae",
-        max_new_tokens=3,
+        sampling={"max_new_tokens": 3},
         ppo_epochs=2,
         num_mini_batches=2,
     )

@@ -17,7 +17,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
 from datamodules import ControlledGenerationDataModule
-from lit_align import DistributionMatchingModule
+from lit_align import DistributionMatchingModule, SamplingSettings
 from lit_align.ebm import (
     DistributionalConstraint,
     FemalePronounFeature,
@@ -88,7 +88,7 @@ def toy_data(num_train: int, batch_size: int) -> ControlledGenerationDataModule:
 def towards_amazing(toy_lm: str, **overrides) -> DistributionMatchingModule:
     """Distribution matching of the toy LM towards its completions that contain "amazing" (a constant learning
     rate, 3 new tokens)."""
-    settings = dict(max_new_tokens=NEW_TOKENS, lr_scheduler="constant")
+    settings = dict(sampling=SamplingSettings(max_new_tokens=NEW_TOKENS), lr_scheduler="constant")
     settings.update(overrides)
     return DistributionMatchingModule(
         PointwiseConstraint({"amazing": WordFeature("amazing")}), model=toy_lm, **settings
@@ -142,7 +142,11 @@ def test_the_module_fits_lambda_from_samples_of_a(toy_lm):
     target_moment = float(torch.exp(log_a) @ phi) + 0.4
     target = DistributionalConstraint({"a_count": count_a}, moments=[target_moment], tolerance=1e-6)
     module = DistributionMatchingModule(
-        target=target, model=toy_lm, max_new_tokens=NEW_TOKENS, moment_matching_samples=8192, learning_rate=0.0
+        target=target,
+        model=toy_lm,
+        sampling={"max_new_tokens": NEW_TOKENS},
+        moment_matching_samples=8192,
+        learning_rate=0.0,
     )
     torch.manual_seed(0)
     fit(module, toy_data(num_train=1024, batch_size=512), max_steps=1)

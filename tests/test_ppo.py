@@ -61,7 +61,7 @@ def policy_gradient(
         reward=CallableReward(target_count),
         advantage_estimator=estimator,
         samples_per_prompt=samples,
-        max_new_tokens=8,
+        sampling={"max_new_tokens": 8},
         kl_coef=kl_coef,
         ppo_epochs=2,
         learning_rate=learning_rate,
@@ -113,7 +113,11 @@ def test_every_ppo_update_goes_through_lightnings_optimizer(peaked_tiny, hh_dir)
             CountSteps.calls += 1
 
     module = PPOModule(
-        model=peaked_tiny, reward=CallableReward(target_count), max_new_tokens=4, ppo_epochs=3, num_mini_batches=2
+        model=peaked_tiny,
+        reward=CallableReward(target_count),
+        sampling={"max_new_tokens": 4},
+        ppo_epochs=3,
+        num_mini_batches=2,
     )
     fit(module, prompts(hh_dir, batch_size=4), [CountSteps()], max_epochs=1, limit_train_batches=2)
     assert CountSteps.calls == 2 * 3 * 2  # rollouts × ppo_epochs × minibatches
@@ -122,7 +126,11 @@ def test_every_ppo_update_goes_through_lightnings_optimizer(peaked_tiny, hh_dir)
 
 def test_the_sanity_check_validation_is_logged_as_the_starting_point(peaked_tiny, hh_dir, tmp_path):
     module = PPOModule(
-        model=peaked_tiny, reward=CallableReward(target_count), max_new_tokens=4, ppo_epochs=1, learning_rate=1e-3
+        model=peaked_tiny,
+        reward=CallableReward(target_count),
+        sampling={"max_new_tokens": 4},
+        ppo_epochs=1,
+        learning_rate=1e-3,
     )
     data = prompts(hh_dir, batch_size=4)
     data.val_split = "test"

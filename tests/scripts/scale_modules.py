@@ -71,7 +71,7 @@ def make_module(name: str, lora: bool) -> tuple[L.LightningModule, str, int]:
     common = dict(model="tiny-llama", learning_rate=1e-3, lr_scheduler="constant")
     if lora:
         common["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-    sampling = dict(max_new_tokens=6, drift_texts=0)
+    sampling = dict(sampling={"max_new_tokens": 6}, drift_texts=0)
     if name == "sft":
         return SFTModule(**common), "text", PAIRS
     if name == "dpo":
@@ -86,7 +86,11 @@ def make_module(name: str, lora: bool) -> tuple[L.LightningModule, str, int]:
                          **sampling, **common), "prompt", PAIRS  # fmt: skip
     if name == "dm":
         target = KLControlTarget(LexiconSentimentReward(), beta=0.5)
-        return SeededDistributionMatching(target, max_new_tokens=6, proposal_update_every=1, **common), "prompt", PAIRS
+        return (
+            SeededDistributionMatching(target, sampling={"max_new_tokens": 6}, proposal_update_every=1, **common),
+            "prompt",
+            PAIRS,
+        )
     raise ValueError(name)
 
 

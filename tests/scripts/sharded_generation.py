@@ -17,7 +17,7 @@ from common import RANK_ZERO, WORLD_SIZE, quiet_trainer
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
-from lit_align import DPOModule
+from lit_align import DPOModule, SamplingSettings
 
 ALL_GATHERS = {"count": 0}
 _foreach_all_gather = _fsdp_param_group.foreach_all_gather
@@ -43,7 +43,10 @@ class SampleAtStart(L.Callback):
             torch.manual_seed(123)
             ALL_GATHERS["count"] = 0
             sequences, _, response_mask = module.generate_responses(
-                module.policy, encoded.input_ids, encoded.attention_mask, max_new_tokens=8, min_new_tokens=8
+                module.policy,
+                encoded.input_ids,
+                encoded.attention_mask,
+                SamplingSettings(max_new_tokens=8, min_new_tokens=8),
             )
             self.results[str(gather)] = {
                 "sequences": sequences.tolist(),
