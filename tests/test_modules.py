@@ -22,15 +22,19 @@ def evaluate_on_train(module, datamodule) -> dict[str, float]:
     return validate(module, datamodule.dataloader("train"))
 
 
+def fit_and_evaluate(module, data, data_mode: str, **trainer) -> tuple[dict[str, float], dict[str, float]]:
+    """``evaluate_on_train`` before and after fitting ``module`` to ``data`` (Trainer settings as keywords)."""
+    data.attach(module.tokenizer, data_mode)
+    module.configure_model()
+    before = evaluate_on_train(module, data)
+    fit(module, data, **trainer)
+    return before, evaluate_on_train(module, data)
+
+
 def test_dpo_learns_the_training_preferences(hh_dir):
     torch.manual_seed(0)
     module = DPOModule(model="tiny-llama", beta=0.1, learning_rate=2e-3, lr_scheduler="constant")
-    data = hh(hh_dir)
-    data.attach(module.tokenizer, "pair")
-    module.configure_model()
-    before = evaluate_on_train(module, data)
-    fit(module, data, max_epochs=12)
-    after = evaluate_on_train(module, data)
+    before, after = fit_and_evaluate(module, hh(hh_dir), "pair", max_epochs=6)  # measured: margins 2.6, loss −0.61
     assert before["eval_rewards/accuracies"] == 0.0  # policy == reference: every margin is exactly 0
     assert after["eval_rewards/accuracies"] > 0.9
     assert after["eval_rewards/margins"] > 0.5
@@ -43,9 +47,9 @@ def test_dpo_variants_train_and_improve_margins(hh_dir, loss_type):
     kwargs = {"label_smoothing": 0.1} if loss_type == "robust" else {}
     module = DPOModule(model="tiny-llama", loss_type=loss_type, learning_rate=2e-3, lr_scheduler="constant", **kwargs)
     data = hh(hh_dir)
-    fit(module, data, max_epochs=4)
+    fit(module, data, max_epochs=2)
     after = evaluate_on_train(module, data)
-    assert after["eval_rewards/margins"] > 0
+    assert after["eval_rewards/margins"] > 0  # measured after 2 epochs: 0.91-0.95, SimPO 0.06 (β/|y|-scaled)
     assert (module.reference is None) == (loss_type == "simpo")
 
 
@@ -93,9 +97,9 @@ def test_kto_moves_desirable_and_undesirable_rewards_apart(hh_dir):
     torch.manual_seed(0)
     module = KTOModule(model="tiny-llama", beta=0.1, learning_rate=2e-3, lr_scheduler="constant")
     data = hh(hh_dir)
-    fit(module, data, max_epochs=8)
+    fit(module, data, max_epochs=4)
     after = evaluate_on_train(module, data)
-    assert after["eval_rewards/chosen"] > after["eval_rewards/rejected"] + 0.5
+    assert after["eval_rewards/chosen"] > after["eval_rewards/rejected"] + 0.5  # measured: + 2.3
     torch.testing.assert_close(
         torch.tensor(after["eval_rewards/margins"]),
         torch.tensor(after["eval_rewards/chosen"] - after["eval_rewards/rejected"]),
@@ -132,12 +136,7 @@ def test_sft_loss_is_cross_entropy_on_completion_tokens(hh_dir):
 def test_sft_lowers_perplexity_and_exports_a_loadable_model(hh_dir, tmp_path):
     torch.manual_seed(0)
     module = SFTModule(model="tiny-llama", learning_rate=3e-3, export_dir=str(tmp_path / "export"))
-    data = hh(hh_dir)
-    data.attach(module.tokenizer, "text")
-    module.configure_model()
-    before = evaluate_on_train(module, data)
-    fit(module, data, max_epochs=4)
-    after = evaluate_on_train(module, data)
+    before, after = fit_and_evaluate(module, hh(hh_dir), "text", max_epochs=4)
     assert after["eval_perplexity"] < 0.5 * before["eval_perplexity"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     ids = torch.tensor([[5, 17, 300, 2]])
