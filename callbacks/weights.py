@@ -117,6 +117,19 @@ def initial_weights(
 
 
 @torch.no_grad()
+def nonzero_anywhere(tensors: Iterable[Tensor]) -> list[bool]:
+    """For each tensor (a local shard or a DTensor), whether any entry is non-zero on any rank: one collective for
+    all of them when a process group is up (a shard may be empty or all-zero on one rank only)."""
+    flags = [bool(local(tensor).any()) for tensor in tensors]
+    if not flags or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flags
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    reduced = torch.tensor(flags, dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return [bool(flag) for flag in reduced.tolist()]
+
+
+@torch.no_grad()
 def ema_update_(average: Tensor, value: Tensor, decay: float) -> None:
     """average ← decay·average + (1 − decay)·value, in place."""
     average.lerp_(value.to(average.dtype), 1.0 - decay)

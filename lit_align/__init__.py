@@ -4,6 +4,7 @@ from lit_align.base import AlignmentModule
 from lit_align.distribution_matching import DistributionMatchingModule
 from lit_align.dpo import DPOModule
 from lit_align.generation import SamplingSettings
+from lit_align.grpo import GRPOModule
 from lit_align.kto import KTOModule
 from lit_align.logprobs import sequence_logprobs, token_logprobs
 from lit_align.models import EMBEDDED_MODEL, TINY_MODEL, LoraSettings, load_causal_lm, load_tokenizer
@@ -17,6 +18,7 @@ __all__ = [
     "AlignmentModule",
     "DPOModule",
     "DistributionMatchingModule",
+    "GRPOModule",
     "KTOModule",
     "LoraSettings",
     "PPOModule",

@@ -4,19 +4,25 @@ distributional policy gradient (Khalifa et al. 2021, GDC; Korbak et al. 2022, GD
 One ``training_step`` is one batch, in order:
 1. sample x from the proposal q (a frozen copy; q = a, the original model, at the start);
 2. score: log a(x) under the frozen reference a, the target's features φ(x) and log P(x) = log a(x) + log score;
-   log q(x) under q; the running Ẑ = mean over all samples so far of P(x)/q(x) (summed across ranks);
-3. loss = mean −A(x)·log π(x) with A = P/q (KL-DPG) or A = P/q − Ẑ·π/q (GDC++, ``baseline=True``);
-4. every ``proposal_update_every`` steps, on the samples of those steps re-scored under the current π:
-   if KL(p‖π) < KL(p‖q), then q ← π (KL-adaptive DPG, the GDC code's "kld" criterion).
+   log q(x) under q; the running Ẑ = mean over all samples so far of P(x)/q(x) (summed across ranks), kept as
+   log Ẑ (log-sum-exp) so that it never overflows;
+3. loss = mean −A(x)·log π(x) with A = P/(Ẑq) (KL-DPG) or A = P/(Ẑq) − π/q (GDC++, ``baseline=True``): the GDC
+   code's P/q and P/q − Ẑ·π/q divided by Ẑ, formed in log space (``losses.dpg_loss``: same direction, finite
+   for any log P − log q; the step-size argument is in its docstring);
+4. every ``proposal_update_every`` steps, on the samples of those steps re-scored under the current π: if the
+   importance weights P/q of those samples have an effective sample size ≥ ``min_proposal_ess`` and
+   KL(p‖π) < KL(p‖q), then q ← π (KL-adaptive DPG, the GDC code's "kld" criterion); below it the check is skipped
+   and counted.
 
 KL-control RLHF is the special case ``KLControlTarget(reward, β)``: its optimum is p_z ∝ a·exp(r/β), which DPG
 approaches through the forward KL and PPO with a KL penalty through the reverse KL (Korbak et al. 2022, Thm 1).
 
 Validation samples from π and logs constraint satisfaction E_π[φ] per feature (``constraints/<name>``),
 KL(π‖a) (``drift/kl_to_init``), KL(p‖π) and TVD(p, π) (importance-sampled with π as the proposal and the running
-Ẑ), Distinct-1/2/3 and Self-BLEU-3/4/5 of the batch, and Ẑ.
+Ẑ), Distinct-1/2/3 and Self-BLEU-3/4/5 of the batch, and log Ẑ (``dpg/log_z``).
 
-Across ranks (DDP, FSDP2): Ẑ sums P/q and the sample count over every rank, so it is the global running mean;
+Across ranks (DDP, FSDP2): Ẑ log-sum-exps P/q and sums the sample count over every rank, so it is the global
+running mean; the proposal check's effective sample size is over every rank's window;
 the loss is each rank's batch mean (DDP/FSDP average equal-size batches, which is the global mean); the
 proposal check averages the ranks' importance-sampled KL estimates (equal sample counts: the global estimate) so
 every rank takes the same q ← π decision; λ of a distributional target is fitted on the samples of all ranks;
@@ -27,6 +33,7 @@ are means of per-rank batch scores.
 from __future__ import annotations
 
 import copy
+import math
 from typing import ClassVar
 
 import torch
@@ -51,10 +58,21 @@ class DistributionMatchingModule(AlignmentModule):
             KL-control.
         baseline: GDC++'s baseline Ẑ·π/q (True) or plain KL-DPG (False).
         proposal_update_every: optimizer steps between proposal checks (GDC code: 10).
-        clip_weights: cap on the importance weights P/q (None: no clipping, as in the papers).
+        clip_weights: cap on the normalised importance weights P/(Ẑq), whose mean under q is ≈ 1 (None: no
+            clipping, as in the papers).
         sampling: :class:`~lit_align.generation.SamplingSettings` or a dict of its fields (default 40 new tokens).
             The papers sample pure ancestrally (temperature 1, no top-k/top-p); anything else makes q(x) differ
             from the distribution samples come from.
+        min_proposal_ess: the smallest effective sample size (Σw)²/Σw² of the window's importance weights
+            w = P/q at which the proposal check compares KL(p‖π) with KL(p‖q); below it the check is skipped,
+            counted (``dpg/proposal_checks_skipped``) and q kept. The ESS is logged at every check (``dpg/ess``).
+            Default 10: ESS ≤ 1/max(w/Σw)², so at ESS ≥ 10 no sample carries more than 1/√10 ≈ 32 % of the weight
+            and the estimates' standard error is at most ≈ 0.32× the spread of the per-sample terms; below that
+            the estimates are dominated by one or two samples (with one positive sample the KL estimates came out
+            at −80 nats, an impossible value, and q ← π was accepted on them). At q = a and a pointwise target
+            the weights are 0/1, so the ESS is the number of samples satisfying the constraint in the window: the
+            papers' 10 × 512 samples per check pass it for constraints q satisfies at ≥ 0.2 %. ``0`` restores the
+            papers' unguarded check.
         moment_matching_samples: samples from a for fitting λ of a distributional target (GDC code: 10240).
         grad_variance_every: every N steps, log the variance of per-sample gradients, mean‖g_i‖² − ‖ḡ‖²
             (expensive: one backward per sample; 0 = off).
@@ -64,7 +82,7 @@ class DistributionMatchingModule(AlignmentModule):
     data_mode: ClassVar[str] = "prompt"
     metric_names = (
         "loss",
-        "dpg/z",
+        "dpg/log_z",
         "dpg/weights_mean",
         "dpg/advantage_mean",
         "dpg/advantage_std",
@@ -85,6 +103,7 @@ class DistributionMatchingModule(AlignmentModule):
         baseline: bool = True,
         proposal_update_every: int = 10,
         clip_weights: float | None = None,
+        min_proposal_ess: float = 10.0,
         sampling: SamplingSettings = SamplingSettings(max_new_tokens=40),
         moment_matching_samples: int = 1024,
         grad_variance_every: int = 0,
@@ -92,6 +111,8 @@ class DistributionMatchingModule(AlignmentModule):
     ) -> None:
         if proposal_update_every < 1:
             raise ValueError(f"proposal_update_every must be >= 1, got {proposal_update_every}")
+        if not min_proposal_ess >= 0:
+            raise ValueError(f"min_proposal_ess must be >= 0, got {min_proposal_ess}")
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["target"])
@@ -100,10 +121,13 @@ class DistributionMatchingModule(AlignmentModule):
         feature_metrics = tuple(f"constraints/{name}" for name in target.feature_names)
         self.metrics = StageMetrics(self.metric_names + feature_metrics, self.extra_metrics())
         self.proposal: nn.Module | None = None
-        self.register_buffer("z_sum", torch.zeros((), dtype=torch.float64))
+        # Ẑ = exp(log_z_sum)/z_count: log Σ P/q over every sample so far (log space: P/q can exceed float64)
+        self.register_buffer("log_z_sum", torch.full((), float("-inf"), dtype=torch.float64))
         self.register_buffer("z_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("proposal_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("proposal_checks_skipped", torch.zeros((), dtype=torch.long))
         self.window: list[dict[str, Tensor]] = []
+        self.last_check_ess: float | None = None  # the ESS of this step's proposal check, logged at batch end
 
     # ---- models -------------------------------------------------------------------------------------------------
 
@@ -117,8 +141,22 @@ class DistributionMatchingModule(AlignmentModule):
         return [proposal] if proposal is not None else []
 
     @property
-    def z(self) -> Tensor:
-        return self.z_sum / self.z_count.clamp_min(1)
+    def log_z(self) -> Tensor:
+        """log Ẑ, the running mean of P/q over every sample drawn so far (−inf before any sample has P > 0)."""
+        return self.log_z_sum - torch.log(self.z_count.clamp_min(1))
+
+    def logsumexp_and_count_across_ranks(self, *log_values: Tensor) -> tuple[list[Tensor], Tensor]:
+        """log Σ exp(v) of each of ``log_values`` over every rank's elements, and the element count of the first
+        (one all-gather of one number per tensor per rank; log-sum-exp is associative, so no value leaves log
+        space)."""
+        local = torch.stack(
+            [*(torch.logsumexp(v.double().flatten(), 0) for v in log_values),
+             torch.tensor(float(log_values[0].numel()), dtype=torch.float64, device=log_values[0].device)]
+        )  # fmt: skip
+        if self.num_ranks > 1:
+            gathered = self.all_gather(local).reshape(-1, local.numel())
+            local = torch.cat([torch.logsumexp(gathered[:, :-1], 0), gathered[:, -1:].sum(0)])
+        return list(local[:-1].unbind()), local[-1]
 
     def sequence_logprobs_of(self, model: nn.Module, sequences: Tensor, attention_mask: Tensor, width: int,
                              response_mask: Tensor) -> Tensor:  # fmt: skip
@@ -173,23 +211,21 @@ class DistributionMatchingModule(AlignmentModule):
             log_a = self.reference_sequence_logprobs(sequences, attention_mask, width, response_mask).double()
             log_target = log_a + self.target.log_score(values).to(self.device)
             log_q = self.sequence_logprobs_of(self.proposal, sequences, attention_mask, width, response_mask).double()
-            weights = torch.exp(log_target - log_q)
-            total, count = self.sum_and_count_across_ranks(weights)  # Ẑ: a mean over every rank's samples
-            self.z_sum += total
+            (log_total,), count = self.logsumexp_and_count_across_ranks(log_target - log_q)  # Σ P/q, every rank
+            self.log_z_sum.copy_(torch.logaddexp(self.log_z_sum, log_total))
             self.z_count += count
+            log_z = self.log_z  # includes this batch, so every P/(Ẑq) ≤ the number of samples so far
+            weights = torch.exp(log_target - log_q - log_z)  # P/(Ẑq), mean ≈ 1 under q
         log_pi = self.sequence_logprobs_of(self.policy, sequences, attention_mask, width, response_mask)
-        losses, advantage = dpg_loss(
-            log_pi, log_target, log_q, self.z, self.hparams.baseline, self.hparams.clip_weights
-        )
+        losses, advantage = dpg_loss(log_pi, log_target, log_q, log_z, self.hparams.baseline, self.hparams.clip_weights)
         loss = losses.mean()
         self.window.append(
             {"sequences": sequences, "attention_mask": attention_mask, "response_mask": response_mask,
              "width": torch.tensor(width), "log_target": log_target, "log_q": log_q}
         )  # fmt: skip
-        z = self.z
         stats = {
             "loss": losses.detach(),
-            "dpg/z": z.float().reshape(1),
+            "dpg/log_z": log_z.float().reshape(1),
             "dpg/weights_mean": weights.float(),
             "dpg/advantage_mean": advantage.detach().float(),
             "dpg/advantage_std": self.global_std(advantage.detach()).float().reshape(1),
@@ -197,10 +233,10 @@ class DistributionMatchingModule(AlignmentModule):
             "completions/mean_length": response_mask.sum(-1).float(),
             **{f"constraints/{name}": values[:, i].float() for i, name in enumerate(self.target.feature_names)},
         }
-        if z > 0:  # before any sample has P(x) > 0 the divergences to p are undefined
-            stats["dpg/kl_p_pi"] = importance_kl(log_target, log_q, log_pi.detach(), z).float().reshape(1)
-            stats["dpg/kl_p_q"] = importance_kl(log_target, log_q, log_q, z).float().reshape(1)
-            stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_q, log_pi.detach(), z).float().reshape(1)
+        if torch.isfinite(log_z):  # before any sample has P(x) > 0 the divergences to p are undefined
+            stats["dpg/kl_p_pi"] = importance_kl(log_target, log_q, log_pi.detach(), log_z).float().reshape(1)
+            stats["dpg/kl_p_q"] = importance_kl(log_target, log_q, log_q, log_z).float().reshape(1)
+            stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_q, log_pi.detach(), log_z).float().reshape(1)
         every = self.hparams.grad_variance_every
         if every and self.global_step % every == 0:
             stats["dpg/grad_variance"] = self.gradient_variance(
@@ -215,7 +251,8 @@ class DistributionMatchingModule(AlignmentModule):
         return masked_mean_var(values, everything, unbiased=False, sum_across_ranks=self.sum_across_ranks)[1].sqrt()
 
     def gradient_variance(self, sequences, attention_mask, width, response_mask, log_target, log_q) -> Tensor:
-        """mean_i ‖g_i‖² − ‖mean_i g_i‖² of per-sample loss gradients (the GDC code's GradientMonitor)."""
+        """mean_i ‖g_i‖² − ‖mean_i g_i‖² of per-sample loss gradients (the GDC code's GradientMonitor), of the
+        loss normalised by Ẑ: the GDC code's value × 1/Ẑ² (ratios between runs at equal Ẑ are unchanged)."""
         parameters = self.trainable_parameters()
         squared_norms, total = [], None
         for i in range(sequences.shape[0]):
@@ -223,7 +260,7 @@ class DistributionMatchingModule(AlignmentModule):
             log_pi = self.sequence_logprobs_of(
                 self.policy, sequences[rows], attention_mask[rows], width, response_mask[rows]
             )
-            loss, _ = dpg_loss(log_pi, log_target[rows], log_q[rows], self.z, self.hparams.baseline,
+            loss, _ = dpg_loss(log_pi, log_target[rows], log_q[rows], self.log_z, self.hparams.baseline,
                                self.hparams.clip_weights)  # fmt: skip
             grads = torch.autograd.grad(loss.sum(), parameters, allow_unused=True)
             flat = torch.cat([g.reshape(-1) for g in grads if g is not None]).double()
@@ -242,10 +279,16 @@ class DistributionMatchingModule(AlignmentModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.log("dpg/proposal_updates", self.proposal_updates.float(), on_step=True, on_epoch=False)
+        self.log("dpg/proposal_checks_skipped", self.proposal_checks_skipped.float(), on_step=True, on_epoch=False)
+        if self.last_check_ess is not None:
+            self.log("dpg/ess", self.last_check_ess, on_step=True, on_epoch=False)
+            self.last_check_ess = None
 
     @torch.no_grad()
     def maybe_update_proposal(self) -> bool:
-        """On the samples since the last check, re-scored under the current π: q ← π if KL(p‖π) < KL(p‖q)."""
+        """On the samples since the last check, re-scored under the current π: q ← π if KL(p‖π) < KL(p‖q), the
+        check made only when the importance weights P/q of those samples (every rank's) have an effective sample
+        size ≥ ``min_proposal_ess``; a skipped check is counted in ``proposal_checks_skipped``."""
         if not self.window:
             return False
         log_target = torch.cat([w["log_target"] for w in self.window])
@@ -259,7 +302,18 @@ class DistributionMatchingModule(AlignmentModule):
             ]
         )
         self.window = []
-        kl_pi, kl_q = importance_kl(log_target, log_q, log_pi, self.z), importance_kl(log_target, log_q, log_q, self.z)
+        (log_sum, log_sum_sq), _ = self.logsumexp_and_count_across_ranks(log_target - log_q, 2 * (log_target - log_q))
+        ess = 0.0 if torch.isneginf(log_sum) else float(torch.exp(2 * log_sum - log_sum_sq))  # (Σw)²/Σw²
+        self.last_check_ess = ess
+        if ess < self.hparams.min_proposal_ess:
+            self.proposal_checks_skipped += 1
+            rank_zero_info(
+                f"DistributionMatching: proposal check skipped at step {self.global_step}: the importance weights' "
+                f"effective sample size {ess:.2f} < min_proposal_ess {self.hparams.min_proposal_ess}"
+            )
+            return False
+        log_z = self.log_z
+        kl_pi, kl_q = importance_kl(log_target, log_q, log_pi, log_z), importance_kl(log_target, log_q, log_q, log_z)
         kl_pi = self.trainer.strategy.reduce(kl_pi, reduce_op="mean")
         kl_q = self.trainer.strategy.reduce(kl_q, reduce_op="mean")
         if not self.should_update_proposal(kl_pi, kl_q):
@@ -299,17 +353,20 @@ class DistributionMatchingModule(AlignmentModule):
         log_pi = self.sequence_logprobs_of(self.policy, sequences, attention_mask, width, response_mask).double()
         log_a = self.reference_sequence_logprobs(sequences, attention_mask, width, response_mask).double()
         log_target = log_a + self.target.log_score(values).to(self.device)
-        z = self.z if self.z_count > 0 else torch.exp(log_target - log_pi).mean()
+        if self.z_count > 0:
+            log_z = self.log_z
+        else:  # before training: Ẑ from these samples of π
+            log_z = torch.logsumexp(log_target - log_pi, 0) - math.log(log_pi.numel())
         stats = {
             "drift/kl_to_init": (log_pi - log_a).float(),
-            "dpg/z": z.float().reshape(1),
+            "dpg/log_z": log_z.float().reshape(1),
             "completions/mean_length": response_mask.sum(-1).float(),
             **{f"constraints/{name}": values[:, i].float() for i, name in enumerate(self.target.feature_names)},
             **{f"diversity/{name}": torch.tensor([value]) for name, value in diversity_scores(completions).items()},
         }
-        if z > 0:
-            stats["dpg/kl_p_pi"] = importance_kl(log_target, log_pi, log_pi, z).float().reshape(1)
-            stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_pi, log_pi, z).float().reshape(1)
+        if torch.isfinite(log_z):
+            stats["dpg/kl_p_pi"] = importance_kl(log_target, log_pi, log_pi, log_z).float().reshape(1)
+            stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_pi, log_pi, log_z).float().reshape(1)
         self.log_values(stage, stats, batch_size=len(completions))
 
     # ---- state that must survive a checkpoint --------------------------------------------------------------------

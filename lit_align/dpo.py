@@ -33,7 +33,8 @@ from datamodules.keys import (
 )
 from lit_align.base import AlignmentModule, SequenceLogps
 from lit_align.gradients import margin_coefficients, normalized_pair_objective
-from lit_align.losses import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
+from lit_align.losses import REFERENCE_FREE_LOSSES, preference_loss
+from lit_align.losses.preference import check_preference_arguments
 
 PAIR_METRICS = (
     "loss",
@@ -63,6 +64,13 @@ class DPOModule(AlignmentModule):
         normalization_parameters: regex on parameter names restricting the per-sequence norms ‖g‖ (e.g.
             ``layers\.2[6-9]\.`` for the last four blocks, or ``lora_``); ``None`` = every trainable parameter.
         **kwargs: see :class:`~lit_align.base.AlignmentModule` (model, lora, learning_rate, ...).
+
+    Raises:
+        ValueError: at construction, before any model loads, for an argument combination that could never train:
+            an unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` with a loss that does not take it or
+            outside ``[0, 0.5)`` (``losses.preference.check_preference_arguments``), a bad
+            ``normalization_parameters`` pattern, ``precompute_batch_size < 1``, or a bad optimizer setting
+            (see :class:`~lit_align.base.AlignmentModule`).
     """
 
     data_mode: ClassVar[str] = "pair"
@@ -80,8 +88,9 @@ class DPOModule(AlignmentModule):
         normalization_parameters: str | None = None,
         **kwargs,
     ) -> None:
-        if loss_type not in PREFERENCE_LOSSES:
-            raise ValueError(f"loss_type '{loss_type}' is unknown; choose one of {sorted(PREFERENCE_LOSSES)}")
+        check_preference_arguments(loss_type, beta=beta, label_smoothing=label_smoothing)
+        if precompute_batch_size is not None and precompute_batch_size < 1:
+            raise ValueError(f"precompute_batch_size must be >= 1 (or None), got {precompute_batch_size}")
         if normalization_parameters is not None:
             re.compile(normalization_parameters)  # a bad pattern fails here, not at the first step
         super().__init__(**kwargs)

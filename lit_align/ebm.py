@@ -15,6 +15,9 @@ on the convex dual log Z(λ) − λ·μ̄ (the GDC code's ``compute_optimal_lamb
 
 The divergence estimators below use samples from a proposal q (Korbak et al. 2022 §3; the GDC code's
 ``base_trainer.py``): KL(p‖π) ≈ −log Ẑ + (1/Ẑ)·mean_q[(P/q)(log P − log π)] and TVD(p, π) ≈ ½·mean_q|π/q − P/(Ẑq)|.
+They take log Ẑ and form P/(Ẑq) in log space: for a KL-control target a·exp(r/β) with small β, P/q itself exceeds
+float64 (log P − log q > 709). ``effective_sample_size`` is Kish's ESS of the importance weights, the check that an
+estimate rests on more than a handful of samples.
 """
 
 from __future__ import annotations
@@ -267,20 +270,39 @@ def fit_lambdas(
     return LambdaFit(lambdas, estimate, error, iterations, error < tolerance)
 
 
-def _weights_over_q(log_p_unnormalized: Tensor, log_q: Tensor) -> Tensor:
-    return torch.exp(log_p_unnormalized.double() - log_q.double())  # exp(−inf) = 0 where P(x) = 0
+def _normalized_weights(log_p_unnormalized: Tensor, log_q: Tensor, log_z: Tensor | float) -> Tensor:
+    """P/(Ẑ·q) in float64, formed in log space (no overflow however far P is from q); 0 where P(x) = 0."""
+    log_z = torch.as_tensor(log_z, dtype=torch.float64, device=log_q.device)
+    return torch.exp(log_p_unnormalized.double() - log_q.double() - log_z)
 
 
-def importance_kl(log_p_unnormalized: Tensor, log_q: Tensor, log_model: Tensor, z: Tensor | float) -> Tensor:
-    """KL(p‖model) ≈ −log Ẑ + (1/Ẑ)·mean_q[(P/q)(log P − log model)]; samples with P = 0 contribute 0."""
-    weights = _weights_over_q(log_p_unnormalized, log_q)
+def importance_kl(log_p_unnormalized: Tensor, log_q: Tensor, log_model: Tensor, log_z: Tensor | float) -> Tensor:
+    """KL(p‖model) ≈ −log Ẑ + mean_q[(P/(Ẑq))·(log P − log model)]; samples with P = 0 contribute 0.
+
+    The GDC code's −log Ẑ + (1/Ẑ)·mean_q[(P/q)(log P − log model)], with Ẑ inside the exponent (``log_z`` = log Ẑ)
+    so that P/q never has to be represented.
+    """
+    weights = _normalized_weights(log_p_unnormalized, log_q, log_z)
     gap = torch.where(weights > 0, log_p_unnormalized.double() - log_model.double(), torch.zeros_like(weights))
-    z = torch.as_tensor(z, dtype=torch.float64)
-    return -torch.log(z) + (weights * gap).mean() / z
+    return -torch.as_tensor(log_z, dtype=torch.float64, device=weights.device) + (weights * gap).mean()
 
 
-def importance_tvd(log_p_unnormalized: Tensor, log_q: Tensor, log_model: Tensor, z: Tensor | float) -> Tensor:
-    """TVD(p, model) ≈ ½·mean_q|model/q − P/(Ẑ·q)|."""
-    weights = _weights_over_q(log_p_unnormalized, log_q)
+def importance_tvd(log_p_unnormalized: Tensor, log_q: Tensor, log_model: Tensor, log_z: Tensor | float) -> Tensor:
+    """TVD(p, model) ≈ ½·mean_q|model/q − P/(Ẑ·q)| (``log_z`` = log Ẑ)."""
+    weights = _normalized_weights(log_p_unnormalized, log_q, log_z)
     model_over_q = torch.exp(log_model.double() - log_q.double())
-    return 0.5 * (model_over_q - weights / torch.as_tensor(z, dtype=torch.float64)).abs().mean()
+    return 0.5 * (model_over_q - weights).abs().mean()
+
+
+def effective_sample_size(log_weights: Tensor) -> Tensor:
+    """Kish's effective sample size (Σw)²/Σw² of importance weights w = exp(``log_weights``), in log space
+    (any scale of w; w = 0 where the log weight is −inf); 0 when every weight is 0.
+
+    It counts how many equally weighted samples a self-normalised estimate is worth: 1 when one sample carries all
+    the weight, n for n equal weights. ESS ≤ 1/max(w/Σw)², so ESS ≥ k means no sample carries more than 1/√k of
+    the weight."""
+    log_weights = log_weights.double().flatten()
+    log_sum = torch.logsumexp(log_weights, 0)
+    if bool(torch.isneginf(log_sum)):
+        return torch.zeros((), dtype=torch.float64, device=log_weights.device)
+    return torch.exp(2 * log_sum - torch.logsumexp(2 * log_weights, 0))

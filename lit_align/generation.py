@@ -5,6 +5,7 @@ matching). Sharding concerns (synced forward calls, gathered weights) are handle
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -103,3 +104,38 @@ def decode_responses(
     prompts = tokenizer.batch_decode(sequences[:, :prompt_width], skip_special_tokens=True)
     responses = sequences[:, prompt_width:].masked_fill(response_mask == 0, pad)
     return prompts, tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+def ends_with_eos(responses: Tensor, response_mask: Tensor, eos_token_id: int) -> Tensor:
+    """[N] bool: the response stopped at an EOS (else generation cut it at ``max_new_tokens``)."""
+    return (responses == eos_token_id).logical_and(response_mask.bool()).any(-1)
+
+
+def repeat_rows(value, k: int):
+    """Repeat each row k times (tensors along dim 0, lists element-wise), matching ``repeat_interleave``."""
+    if torch.is_tensor(value):
+        return value.repeat_interleave(k, dim=0)
+    if isinstance(value, list):
+        return [item for item in value for _ in range(k)]
+    return value
+
+
+class Completions(NamedTuple):
+    """Sampled completions of a batch of prompts, k per prompt, grouped by prompt (``[p0s0, p0s1, …, p1s0, …]``):
+    what :meth:`~lit_align.base.AlignmentModule.sample_completions` returns to PPO's and GRPO's rollout and
+    evaluation."""
+
+    sequences: Tensor  # [N, P + R] the left-padded prompt followed by the response
+    attention_mask: Tensor  # [N, P + R]
+    response_mask: Tensor  # [N, R] 1 up to and including the first EOS
+    prompt_width: int  # P
+    prompts: list[str]  # as the model saw them (after truncation, padding removed)
+    completions: list[str]  # the responses up to EOS
+    has_eos: Tensor  # [N] bool: the response ended with EOS
+    batch: dict  # the prompt batch's columns, each row repeated k times (for rewards that read them)
+
+    def penalise_missing_eos(self, scores: Tensor, penalty: float | None) -> Tensor:
+        """``scores − penalty`` for the completions without EOS (TRL's ``missing_eos_penalty``); unchanged for None."""
+        if penalty is None:
+            return scores
+        return scores - penalty * (~self.has_eos).to(scores.dtype)

@@ -33,7 +33,8 @@ from datamodules.keys import (
 )
 from lit_align.base import AlignmentModule
 from lit_align.gradients import kto_margin_coefficients
-from lit_align.losses import kto_loss
+from lit_align.losses import kto_kl_estimate, kto_loss
+from lit_align.losses.preference import check_kto_arguments
 from lit_align.metrics import DifferenceOfMeans
 
 
@@ -41,10 +42,13 @@ class KTOModule(AlignmentModule):
     """KTO (data mode ``unpaired``): per-device batches need ≥ 2 rows to form mismatched KL pairs.
 
     Args:
-        beta: β of the implicit reward.
-        desirable_weight, undesirable_weight: λ_D and λ_U. The paper (Eq. 9) recommends
+        beta: β of the implicit reward (> 0).
+        desirable_weight, undesirable_weight: λ_D and λ_U (> 0). The paper (Eq. 9) recommends
             λ_D·n_D / (λ_U·n_U) ∈ [1, 4/3]; a warning is given at fit start outside that range.
         **kwargs: see :class:`~lit_align.base.AlignmentModule`.
+
+    Raises:
+        ValueError: at construction (before any model loads) for ``beta <= 0`` or a weight ``<= 0``.
     """
 
     data_mode: ClassVar[str] = "unpaired"
@@ -53,6 +57,7 @@ class KTOModule(AlignmentModule):
     def __init__(
         self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, **kwargs
     ) -> None:
+        check_kto_arguments(beta, desirable_weight, undesirable_weight)
         super().__init__(**kwargs)
         self.last_reference_point = 0.0  # z_ref of the latest training batch (for diagnostics)
 
@@ -69,12 +74,13 @@ class KTOModule(AlignmentModule):
             )
 
     def reference_point(self, batch: dict) -> Tensor:
-        """z_ref = max(0, mean over all ranks of log π(y'|x) − log π_ref(y'|x)) on mismatched pairs."""
+        """z_ref = max(0, mean over all ranks of log π(y'|x) − log π_ref(y'|x)) on mismatched pairs
+        (``losses.kto_kl_estimate`` with this module's cross-rank sum)."""
         kl_inputs = (batch[KL_INPUT_IDS], batch[KL_ATTENTION_MASK], batch[KL_COMPLETION_MASK])
         with torch.no_grad():
-            log_ratio = self.policy_logprobs(*kl_inputs).logps - self.reference_logprobs(*kl_inputs).logps
-        total, count = self.sum_and_count_across_ranks(log_ratio)
-        return (total / count).clamp_min(0).detach()
+            policy_kl_logps = self.policy_logprobs(*kl_inputs).logps
+            reference_kl_logps = self.reference_logprobs(*kl_inputs).logps
+        return kto_kl_estimate(policy_kl_logps, reference_kl_logps, sum_across_ranks=self.sum_across_ranks)
 
     def shared_step(self, batch: dict, stage: str) -> Tensor:
         if batch[INPUT_IDS].shape[0] < 2:

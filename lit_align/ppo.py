@@ -28,15 +28,13 @@ import time
 from typing import ClassVar, NamedTuple
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule
-from lit_align.generation import SamplingSettings, decode_responses
-from lit_align.logprobs import position_ids, response_logprobs, token_logprobs
+from lit_align.generation import SamplingSettings
+from lit_align.logprobs import position_ids, response_logprobs
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean, masked_whiten
-from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics, diversity_scores
+from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
 from lit_align.models import load_causal_lm, unwrap_peft
 from lit_align.rewards import RewardFunction
 
@@ -72,12 +70,17 @@ def rloo_advantages(scores: Tensor, samples_per_prompt: int) -> Tensor:
     return (grouped - baseline).flatten()
 
 
-def group_normalized_advantages(scores: Tensor, samples_per_prompt: int, eps: float = 1e-4) -> Tensor:
+def group_normalized_advantages(
+    scores: Tensor, samples_per_prompt: int, eps: float = 1e-4, scale: bool = True
+) -> Tensor:
     """GRPO's group-normalised advantage (Shao et al. 2024, §4.1.2): ``(r − mean_group) / (std_group + eps)``,
-    with the unbiased standard deviation (TRL's ``scale_rewards="group"``)."""
+    with the unbiased standard deviation (TRL's ``scale_rewards="group"``); ``scale=False`` keeps ``r − mean_group``
+    (Dr. GRPO, Liu et al. 2025; TRL's ``scale_rewards="none"``). Shared with :mod:`lit_align.grpo`."""
     grouped = scores.view(-1, samples_per_prompt)
-    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).flatten()
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.flatten()
 
 
 class AdaptiveKLController:
@@ -135,10 +138,17 @@ class PPOModule(AlignmentModule):
         gamma, lam: GAE's discount and λ.
         cliprange, cliprange_value, vf_coef: PPO's clipping of the ratio and of the value, the value-loss weight.
         ppo_epochs, num_mini_batches, gradient_accumulation_steps: passes over each rollout, minibatches per pass
-            (one optimizer step each) and micro-batches per minibatch.
+            (one optimizer step each) and micro-batches per minibatch. A rollout (per-rank batch ×
+            ``samples_per_prompt`` rows) must split into ``num_mini_batches`` equal minibatches, and each of those
+            into ``gradient_accumulation_steps`` equal micro-batches: anything else is refused when fit starts
+            (as TRL does), so every rollout makes exactly ``ppo_epochs × num_mini_batches`` optimizer steps and
+            ``max_steps``, the LR schedule and callbacks count what the config says.
         max_grad_norm: gradient clipping (None: off).
         whiten_rewards: whiten the per-token rewards (mean kept) before GAE.
-        whiten_advantages: whiten advantages over the batch's real tokens.
+        whiten_advantages: whiten advantages over the batch's real tokens. None (default) = the estimator's
+            own convention: on for ``gae`` (TRL's PPO), off for ``rloo`` (TRL's RLOO default: whitening would give
+            a group whose samples all scored the same non-zero advantages) and off for ``grpo`` (already
+            normalised per group). An explicit True/False applies to every estimator.
         missing_eos_penalty: subtracted from the score of completions that end without EOS.
         value_model: a separate model for V (Hub id / directory / alias); None puts a linear head on the policy.
         drift_texts: held-out human texts per validation for ``drift/perplexity`` (0 disables it).
@@ -191,7 +201,7 @@ class PPOModule(AlignmentModule):
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
         whiten_rewards: bool = False,
-        whiten_advantages: bool = True,
+        whiten_advantages: bool | None = None,
         missing_eos_penalty: float | None = None,
         value_model: str | None = None,
         drift_texts: int = 64,
@@ -201,6 +211,14 @@ class PPOModule(AlignmentModule):
             raise ValueError(f"advantage_estimator={advantage_estimator!r}: choose one of {ADVANTAGE_ESTIMATORS}")
         if advantage_estimator != "gae" and samples_per_prompt < 2:
             raise ValueError(f"advantage_estimator={advantage_estimator!r} needs samples_per_prompt >= 2")
+        for name, count in (
+            ("samples_per_prompt", samples_per_prompt),
+            ("ppo_epochs", ppo_epochs),
+            ("num_mini_batches", num_mini_batches),
+            ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ):
+            if count < 1:
+                raise ValueError(f"{name} must be >= 1, got {count}")
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the estimator name early
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
@@ -223,6 +241,12 @@ class PPOModule(AlignmentModule):
         return self.hparams.advantage_estimator == "gae"
 
     @property
+    def whitens_advantages(self) -> bool:
+        """``whiten_advantages``, or when None the estimator's convention (GAE yes; RLOO, GRPO no)."""
+        explicit = self.hparams.whiten_advantages
+        return self.hparams.advantage_estimator == "gae" if explicit is None else bool(explicit)
+
+    @property
     def kl_coef(self) -> float:
         return self.kl_controller.value if self.kl_controller is not None else self.hparams.kl_coef
 
@@ -242,6 +266,15 @@ class PPOModule(AlignmentModule):
 
     def optimizer_steps_per_batch(self) -> int:
         return self.hparams.ppo_epochs * self.hparams.num_mini_batches
+
+    def rollout_split(self) -> dict[str, int]:
+        """Rollouts must split into equal minibatches of equal micro-batches: ``AlignmentModule.check_rollout_split``
+        refuses anything else at setup, at train start and for each rollout."""
+        return {
+            "samples_per_prompt": self.hparams.samples_per_prompt,
+            "num_mini_batches": self.hparams.num_mini_batches,
+            "gradient_accumulation_steps": self.hparams.gradient_accumulation_steps,
+        }
 
     # ---- forward passes over [prompt ; response] ---------------------------------------------------------------
 
@@ -276,30 +309,17 @@ class PPOModule(AlignmentModule):
 
     # ---- 1. rollout --------------------------------------------------------------------------------------------
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample responses from the policy; (sequences, attention mask, response mask up to and including EOS)."""
-        return self.generate_responses(self.policy, prompt_ids, prompt_mask, self.sampling)
-
-    def decode(self, sequences: Tensor, prompt_width: int, response_mask: Tensor) -> tuple[list[str], list[str]]:
-        return decode_responses(self.tokenizer, sequences, prompt_width, response_mask)
-
     def rollout(self, batch: dict, stage: str) -> tuple[Rollout, dict[str, Tensor]]:
         k = self.hparams.samples_per_prompt
-        prompt_ids = batch[PROMPT_INPUT_IDS].repeat_interleave(k, dim=0)
-        prompt_mask = batch[PROMPT_ATTENTION_MASK].repeat_interleave(k, dim=0)
-        width = prompt_ids.shape[1]
-        reward_batch = {key: repeat_rows(value, k) for key, value in batch.items()}
-
         started = time.perf_counter()
-        sequences, attention_mask, response_mask = self.generate(prompt_ids, prompt_mask)
+        sample = self.sample_completions(batch, self.sampling, k)  # k per prompt, decoded (shared with GRPO)
+        sequences, attention_mask, response_mask = sample.sequences, sample.attention_mask, sample.response_mask
+        width, has_eos = sample.prompt_width, sample.has_eos
         generated = time.perf_counter()
 
         # 2. score
-        prompts, completions = self.decode(sequences, width, response_mask)
-        scores = self.reward(prompts, completions, reward_batch).to(self.device)
-        has_eos = (sequences[:, width:] == self.tokenizer.eos_token_id).logical_and(response_mask.bool()).any(-1)
-        if self.hparams.missing_eos_penalty is not None:
-            scores = scores - self.hparams.missing_eos_penalty * (~has_eos).float()
+        scores = self.reward(sample.prompts, sample.completions, sample.batch).to(self.device)
+        scores = sample.penalise_missing_eos(scores, self.hparams.missing_eos_penalty)
         scored = time.perf_counter()
 
         # 3. old log-probs, reference log-probs and values, without gradient
@@ -328,7 +348,7 @@ class PPOModule(AlignmentModule):
             baseline = rloo_advantages if self.hparams.advantage_estimator == "rloo" else group_normalized_advantages
             advantages = baseline(sequence_reward, k)[:, None] * mask
             returns = None
-        if self.hparams.whiten_advantages:
+        if self.whitens_advantages:
             advantages = masked_whiten(advantages, mask, sum_across_ranks=self.sum_across_ranks)
 
         rollout = Rollout(
@@ -351,31 +371,19 @@ class PPOModule(AlignmentModule):
     # ---- 6. update ---------------------------------------------------------------------------------------------
 
     def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        size = rollout.sequences.shape[0]
-        minibatch = max(1, size // self.hparams.num_mini_batches)
-        micro = max(1, minibatch // self.hparams.gradient_accumulation_steps)
-        history: dict[str, list[Tensor]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl", "ratio")}
+        """``ppo_epochs`` passes of ``num_mini_batches`` optimizer steps (``AlignmentModule.minibatch_updates``)."""
         tokens = rollout.response_mask.to(rollout.logprobs.dtype)
-        for _ in range(self.hparams.ppo_epochs):
-            order = torch.randperm(size, device=rollout.sequences.device)
-            for minibatch_rows in order.split(minibatch):
-                # The losses are token means over the minibatch of all ranks: each micro-batch's mean is weighted
-                # by its share of those tokens.
-                tokens_per_rank = self.per_rank_share(tokens[minibatch_rows].sum()).clamp_min(1 / self.num_ranks)
-                for rows in minibatch_rows.split(micro):
-                    losses = self.ppo_loss(rollout, rows)
-                    self.manual_backward(losses["loss"] * tokens[rows].sum() / tokens_per_rank)
-                    for key in history:
-                        history[key].append(losses[key].detach())
-                if self.hparams.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm)
-                optimizer.step()
-                self.call_callbacks("on_after_optimizer_step")
-                optimizer.zero_grad()
-                if scheduler is not None:
-                    scheduler.step()
-        stacked = {key: torch.stack(values) for key, values in history.items()}
+
+        def micro_step(minibatch_rows: Tensor, rows: Tensor) -> dict[str, Tensor]:
+            # The losses are token means over the minibatch of all ranks: each micro-batch's mean is weighted by its
+            # share of those tokens.
+            tokens_per_rank = self.per_rank_share(tokens[minibatch_rows].sum()).clamp_min(1 / self.num_ranks)
+            losses = self.ppo_loss(rollout, rows)
+            self.manual_backward(losses["loss"] * tokens[rows].sum() / tokens_per_rank)
+            return {key: losses[key].detach() for key in ("pg", "vf", "clip", "vclip", "approxkl", "ratio")}
+
+        size = rollout.sequences.shape[0]
+        stacked = self.minibatch_updates(size, self.hparams.ppo_epochs, micro_step, self.hparams.max_grad_norm)
         return {
             "loss/policy_avg": stacked["pg"],
             "loss/value_avg": stacked["vf"],
@@ -439,53 +447,17 @@ class PPOModule(AlignmentModule):
         """Reward and drift of fresh samples: ``objective/scores``, ``drift/kl_to_init`` (Σ_t log π − log π_ref
         over sampled tokens, a k1 estimate of KL(π‖π_ref)) and, once per epoch, ``drift/perplexity`` of the
         policy on held-out human text."""
-        prompt_ids, prompt_mask = batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK]
-        width = prompt_ids.shape[1]
-        sequences, attention_mask, response_mask = self.generate(prompt_ids, prompt_mask)
-        prompts, completions = self.decode(sequences, width, response_mask)
-        scores = self.reward(prompts, completions, batch).to(self.device)
-        logprobs, _, _ = self.response_logprobs_and_values(self.policy, sequences, attention_mask, width, False)
-        ref_logprobs = self.reference_response_logprobs(sequences, attention_mask, width)
-        mask = response_mask.to(logprobs.dtype)
+        sample = self.sample_completions(batch, self.sampling)
+        scores = self.reward(sample.prompts, sample.completions, sample.batch).to(self.device)
         task_scores = (
-            self.reward.task_scores(prompts, completions, batch) if hasattr(self.reward, "task_scores") else {}
+            self.reward.task_scores(sample.prompts, sample.completions, sample.batch)
+            if hasattr(self.reward, "task_scores")
+            else {}
         )
-        self.log_values(
-            stage,
-            {
-                **task_scores,
-                "objective/scores": scores,
-                "drift/kl_to_init": ((logprobs - ref_logprobs) * mask).sum(-1),
-                "completions/mean_length": mask.sum(-1),
-                **{f"diversity/{name}": torch.tensor([v]) for name, v in diversity_scores(completions).items()},
-            },
-            batch_size=scores.shape[0],
-        )
+        values = {**task_scores, "objective/scores": scores, **self.sample_drift(sample, self.sampling.temperature)}
+        self.log_values(stage, values, batch_size=scores.shape[0])
         if batch_idx == 0:
-            self.log_heldout_perplexity(stage)
-
-    def log_heldout_perplexity(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if self.hparams.drift_texts <= 0 or not hasattr(datamodule, "heldout_texts"):
-            return
-        texts = datamodule.heldout_texts(self.hparams.drift_texts)
-        texts = texts[self.trainer.global_rank :: self.trainer.world_size]  # each rank its share; sums sync
-        if not texts:
-            rank_zero_warn("drift/perplexity: no held-out texts on this rank")
-            return
-        metric = self.metrics.get(stage, "drift/perplexity")
-        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=128)["input_ids"]
-        for start in range(0, len(encoded), 8):
-            rows = [torch.tensor(r, dtype=torch.long, device=self.device) for r in encoded[start : start + 8]]
-            ids = torch.nn.utils.rnn.pad_sequence(
-                rows, batch_first=True, padding_value=self.tokenizer.eos_token_id, padding_side="right"
-            )
-            attention = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="right"
-            )
-            logits = self.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            metric.update(token_logprobs(logits[:, :-1], ids[:, 1:]), attention[:, 1:])
-        self.log(self.metrics.log_name(stage, "drift/perplexity"), metric, on_step=False, on_epoch=True)
+            self.log_heldout_perplexity(stage, self.hparams.drift_texts)
 
     # ---- state that must survive a checkpoint ------------------------------------------------------------------
 
@@ -496,12 +468,3 @@ class PPOModule(AlignmentModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.kl_controller is not None and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
-
-
-def repeat_rows(value, k: int):
-    """Repeat each row k times (tensors along dim 0, lists element-wise), matching ``repeat_interleave``."""
-    if torch.is_tensor(value):
-        return value.repeat_interleave(k, dim=0)
-    if isinstance(value, list):
-        return [item for item in value for _ in range(k)]
-    return value

@@ -30,9 +30,10 @@ class RewardModelModule(AlignmentModule):
     """Bradley–Terry reward model (data mode ``pair``) on ``AutoModelForSequenceClassification`` (1 label).
 
     Args:
-        center_rewards_coefficient: c of the centring term that keeps scores near zero (0 disables it).
+        center_rewards_coefficient: c ≥ 0 of the centring term that keeps scores near zero (0 disables it; a
+            negative c would reward scores for drifting apart from zero, so it is refused at construction).
         use_margin: subtract the batch's per-pair ``margin`` inside the sigmoid (Llama-2), when present.
-        **kwargs: see :class:`~lit_align.base.AlignmentModule`.
+        **kwargs: see :class:`~lit_align.base.AlignmentModule` (its optimizer settings are checked there).
     """
 
     data_mode: ClassVar[str] = "pair"
@@ -41,6 +42,8 @@ class RewardModelModule(AlignmentModule):
     metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
     def __init__(self, center_rewards_coefficient: float = 0.0, use_margin: bool = True, **kwargs) -> None:
+        if not center_rewards_coefficient >= 0:
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
         super().__init__(**kwargs)
 
     def build_policy(self) -> PreTrainedModel:

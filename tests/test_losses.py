@@ -1,9 +1,12 @@
-"""Tests for lit_align.losses: golden values written out independently with ``math`` on scalars."""
+"""Tests for lit_align.losses: golden values written out independently with ``math`` on scalars; at the end, that
+``KTOModule`` computes its reference point with :func:`kto_kl_estimate` (so the function tested here is the one that
+runs) and that its ``last_reference_point`` is the clamped mean computed by hand."""
 
 from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from torch.testing import assert_close
@@ -77,8 +80,11 @@ def check_rewards(out: LossOutput, chosen: list[float], rejected: list[float]) -
 # --------------------------------------------------------------------------------------------------------
 
 
-def test_deltas_fixture_is_nontrivial():
-    assert [round(d, 10) for d in deltas()] == [1.5, -2.5, 0.9]
+def test_dpo_sigmoid_matches_literal_golden_values():
+    # −logσ(β·Δ) = log(1 + e^(−β·Δ)) at β = 0.5, Δ = [1.5, −2.5, 0.9], evaluated with 30-digit arithmetic
+    # (mpmath) outside this code base and written out: pins the fixture, the sign of Δ and the loss together.
+    out = dpo_sigmoid_loss(**ref_inputs(), beta=BETA)
+    assert_close(out.losses, t([0.3868710061149, 1.50192908134537, 0.493248945997455]), rtol=0, atol=1e-12)
 
 
 def test_dpo_sigmoid_golden_with_label_smoothing():
@@ -207,6 +213,32 @@ def test_kto_kl_estimate_clamps_and_detaches():
     assert kto_kl_estimate(t([]), t([])).item() == 0.0  # empty → 0, not NaN
 
 
+def other_rank(values: list[float]):
+    """A stand-in for ``AlignmentModule.sum_across_ranks`` on 2 ranks: adds another rank's ``[Σ, count]``."""
+    calls = []
+
+    def sum_across_ranks(local: torch.Tensor) -> torch.Tensor:
+        calls.append(local.clone())
+        return local + t([sum(values), len(values)])
+
+    return sum_across_ranks, calls
+
+
+def test_kto_kl_estimate_takes_the_mean_over_all_ranks_before_the_clamp():
+    pol, ref = t([-2.0, -3.0], requires_grad=True), t([-4.0, -3.5])  # this rank: log-ratios 2, 0.5 (mean 1.25)
+    total, calls = other_rank([1.0, 3.0])
+    z = kto_kl_estimate(pol, ref, sum_across_ranks=total)
+    assert_close(calls[0], t([2.5, 2.0]))  # one collective on [Σ, count]
+    assert_close(z, torch.tensor((2.0 + 0.5 + 1.0 + 3.0) / 4, dtype=torch.float64))
+    assert not z.requires_grad
+    # the other rank pulls the global mean below 0: clamped to 0 although this rank's mean is 1.25
+    total, _ = other_rank([-4.0, -3.0, -2.0])
+    assert kto_kl_estimate(pol, ref, sum_across_ranks=total).item() == 0.0
+    # a rank with no pair still takes part and gets the others' mean
+    total, _ = other_rank([1.0, 2.0])
+    assert_close(kto_kl_estimate(t([]), t([]), sum_across_ranks=total), torch.tensor(1.5, dtype=torch.float64))
+
+
 def test_bradley_terry_golden():
     sc, sr, margin, c = [1.2, -0.3, 0.4], [0.5, 0.9, 0.4], [0.1, 0.0, 1.0], 0.01
     expected = [-log_sig(a - b - m) + c * (a + b) ** 2 for a, b, m in zip(sc, sr, margin, strict=True)]
@@ -254,13 +286,23 @@ def test_reference_logps_get_no_grad_even_when_they_require_it_via_rewards():
 
 
 def test_kto_gradient_flows_to_policy_not_z():
+    # z and the reference log-probs *require* grad here: kto_loss itself must cut them off (z_ref is a fixed
+    # reference point; the reference model is frozen), whatever the caller hands it.
     pol = t([-1.0, -2.0], requires_grad=True)
-    ref = t([-1.5, -1.0])
+    ref = t([-1.5, -1.0], requires_grad=True)
     z = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
-    out = kto_loss(pol, ref, torch.tensor([True, False]), z.detach(), 0.5)
+    beta = 0.5
+    out = kto_loss(pol, ref, torch.tensor([True, False]), z, beta)
     out.losses.sum().backward()
-    assert pol.grad is not None and torch.all(pol.grad != 0)
-    assert z.grad is None and ref.grad is None
+    # d/dr σ(−β(r − z)) = −β·σ'(…) for the desirable row, +β·σ'(…) for the undesirable row (σ' = σ(1 − σ))
+    r = [-1.0 - -1.5, -2.0 - -1.0]
+    expected = [
+        -beta * sig(beta * (r[0] - 0.2)) * (1 - sig(beta * (r[0] - 0.2))),
+        beta * sig(beta * (0.2 - r[1])) * (1 - sig(beta * (0.2 - r[1]))),
+    ]
+    assert_close(pol.grad, t(expected))
+    assert z.grad is None, "gradient reached the reference point z"
+    assert ref.grad is None, "gradient reached the reference log-probs"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -407,3 +449,105 @@ def test_dispatcher_rejects_unsupported_label_smoothing(loss_type):
 def test_invalid_beta_rejected():
     with pytest.raises(ValueError, match="beta"):
         ipo_loss(**ref_inputs(), beta=0.0, chosen_lengths=1, rejected_lengths=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# KTOModule runs these functions: its z_ref is kto_kl_estimate over every rank, and it reaches the loss as computed
+# --------------------------------------------------------------------------------------------------------
+
+
+def hand_sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """Σ over completion tokens of log_softmax(logits)[next token]: a plain full-vocabulary forward (no
+    ``logits_to_keep``, no ``lit_align.logprobs``)."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.double()
+    picked = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (picked * completion_mask[:, 1:]).sum(-1)
+
+
+def hand_kl_log_ratios(module, batch) -> torch.Tensor:
+    """log π(y'|x) − log π_ref(y'|x) on the batch's mismatched KL pairs, computed by hand."""
+    kl = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+    return hand_sequence_logps(module.policy, *kl) - hand_sequence_logps(module.reference, *kl)
+
+
+def perturbed(model, seed: int = 0, scale: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def kto_with_batch(hh_dir, perturb: str = "policy"):
+    from helpers import hh_pairs
+
+    from lit_align import KTOModule
+
+    module = KTOModule(model="tiny-llama")
+    module.configure_model()
+    perturbed(getattr(module, perturb))  # so the policy and reference differ and z_ref is not trivially 0
+    data = hh_pairs(hh_dir)
+    data.attach(module.tokenizer, module.data_mode)
+    return module, data, next(iter(data.train_dataloader()))
+
+
+def test_kto_module_reference_point_is_kto_kl_estimate_with_the_cross_rank_sum(hh_dir, monkeypatch):
+    import lit_align.kto
+
+    module, _, batch = kto_with_batch(hh_dir)
+    calls = []
+
+    def spy(policy_logps, reference_logps, sum_across_ranks=None):
+        calls.append(sum_across_ranks)
+        return kto_kl_estimate(policy_logps, reference_logps, sum_across_ranks=sum_across_ranks)
+
+    monkeypatch.setattr(lit_align.kto, "kto_kl_estimate", spy)
+    log_ratios = hand_kl_log_ratios(module, batch)
+    assert log_ratios.abs().min() > 1e-3  # the perturbation moved every pair
+
+    # one process: max(0, mean), computed by hand
+    z_ref = module.reference_point(batch)
+    assert calls == [module.sum_across_ranks]  # the tested function is the one that runs, with the ranks' sum
+    assert z_ref.shape == () and not z_ref.requires_grad
+    assert float(z_ref) == pytest.approx(max(0.0, float(log_ratios.mean())), abs=1e-5)
+
+    # two ranks (the collective replaced by adding another rank's [Σ, count]): the global mean, then the clamp
+    local_sum, n = float(log_ratios.sum()), log_ratios.numel()
+    for target in (0.3, -0.3):  # another rank of 3 pairs bringing the global mean to ±0.3
+        extra = t([target * (n + 3) - local_sum, 3.0])
+        monkeypatch.setattr(module, "sum_across_ranks", lambda local, extra=extra: local + extra.to(local))
+        assert float(module.reference_point(batch)) == pytest.approx(max(0.0, target), abs=1e-5)
+
+
+class HandReferencePoint(L.Callback):
+    """Before each training step: the hand-computed mean KL log-ratio of the batch; after it: the module's z_ref."""
+
+    def __init__(self) -> None:
+        self.means: list[float] = []
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.means.append(float(hand_kl_log_ratios(module, batch).mean()))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.seen.append(module.last_reference_point)
+
+
+def test_kto_last_reference_point_is_the_clamped_mean_of_the_step(hh_dir):
+    from helpers import fit
+
+    # the same noise on the policy, then on the reference: the KL log-ratios of the first batch are exact
+    # opposites, so one run exercises the positive value and the other the clamp at 0
+    runs = {}
+    for perturb in ("policy", "reference"):
+        module, data, _ = kto_with_batch(hh_dir, perturb)
+        record = HandReferencePoint()
+        fit(module, data, [record], max_steps=1)
+        runs[perturb] = (record.means[0], record.seen[0])
+    (mean_a, seen_a), (mean_b, seen_b) = runs.values()
+    assert abs(mean_a) > 1e-3 and mean_b == pytest.approx(-mean_a, abs=1e-6)
+    for mean, seen in ((mean_a, seen_a), (mean_b, seen_b)):
+        if mean > 0:
+            assert seen == pytest.approx(mean, abs=1e-5)  # the step's z_ref: the unclamped mean
+        else:
+            assert seen == 0.0  # clamped

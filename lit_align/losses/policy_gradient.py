@@ -68,22 +68,44 @@ def dpg_loss(
     policy_logps: Tensor,
     target_logps: Tensor,
     proposal_logps: Tensor,
-    z: Tensor | float = 1.0,
+    log_z: Tensor | float = 0.0,
     baseline: bool = False,
     clip_weights: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Distributional policy gradient, per sample: −A(x)·log π(x) for x ~ q, with sequence log-probs.
+    """Distributional policy gradient normalised by Ẑ, per sample: −A(x)·log π(x) for x ~ q, sequence log-probs.
 
-    KL-DPG (Khalifa et al. 2021, Eq. 4, off-policy): A = P(x)/q(x), an unbiased estimate of ∇ CE(p, π) up to 1/Z.
-    GDC++ (Korbak et al. 2022, Fact 2): A = P(x)/q(x) − Ẑ·π(x)/q(x), the baseline Ẑ·π/q has zero mean under q.
-    ``target_logps`` = log P(x) (−inf where P = 0); ``clip_weights`` caps P/q (off by default).
-    Returns (loss [B], advantage [B]).
+    KL-DPG (Khalifa et al. 2021, Eq. 4, off-policy): A = P(x)/(Ẑ·q(x)) = p̂(x)/q(x).
+    GDC++ (Korbak et al. 2022, Fact 2): A = P(x)/(Ẑ·q(x)) − π(x)/q(x); the baseline π/q has zero mean under q.
+    ``log_z`` = log Ẑ, the running estimate of log Z (``log_z=0`` gives the unnormalised P/q of the GDC code);
+    ``target_logps`` = log P(x) (−inf where P = 0).
+
+    **Why Ẑ.** The GDC code uses P/q and P/q − Ẑ·π/q unnormalised. For a target far from q (a KL-control target
+    a·exp(r/β) with small β: log P − log q = r/β) P/q exceeds float32 once log P − log q > 88.7 and float64 once
+    > 709, and the loss and every gradient become inf/NaN. Here the weights are formed in log space and float64,
+    w = exp(log P − log q − log Ẑ), as disco does (its initial release's ``KLLoss(use_baseline=True)`` is exactly
+    this form). When Ẑ is the running mean of P/q over samples that include this batch, every w is at most the
+    number of samples in that mean, so the advantage is finite in float32 (or bf16) whatever log P − log q is.
+
+    **Step size.** Both advantages are the GDC code's divided by the positive constant Ẑ, so the gradient is the GDC
+    code's gradient × 1/Ẑ: the same direction. Keeping the unnormalised scale is exactly what overflows, so the
+    scale is not restored. With AdamW (``AlignmentModule``'s optimizer, and the papers' Adam) a constant positive
+    gradient scale cancels in the update up to ``adam_epsilon``, so the effective step is the GDC code's; Ẑ's drift
+    as the running mean settles (fast early in a run) rescales gradients over time, which Adam's moment estimates
+    absorb over their horizon. With plain SGD the step is the GDC code's at learning rate ``lr/Ẑ``.
+
+    ``log_z = −inf`` (no sample with P > 0 seen yet) gives A = 0, as the unnormalised form does (P/q = 0 and Ẑ = 0).
+    ``clip_weights`` caps the normalised weight P/(Ẑ·q) (scale-free: c = c times the average weight; off by default).
+    Returns (loss [B], advantage [B]) in the dtype of ``policy_logps``.
     """
-    weights = torch.exp(target_logps.double() - proposal_logps.double())
-    if clip_weights is not None:
-        weights = weights.clamp(max=clip_weights)
-    advantage = weights
-    if baseline:
-        advantage = weights - float(z) * torch.exp(policy_logps.detach().double() - proposal_logps.double())
+    log_z = torch.as_tensor(log_z, dtype=torch.float64, device=policy_logps.device)
+    log_weights = target_logps.double() - proposal_logps.double()
+    if bool(torch.isneginf(log_z)):  # no sample of p yet: nothing to move towards
+        advantage = torch.zeros_like(log_weights)
+    else:
+        advantage = torch.exp(log_weights - log_z)  # P/(Ẑq): exp(−inf) = 0 where P(x) = 0
+        if clip_weights is not None:
+            advantage = advantage.clamp(max=clip_weights)
+        if baseline:
+            advantage = advantage - torch.exp(policy_logps.detach().double() - proposal_logps.double())  # π/q
     advantage = advantage.to(policy_logps.dtype)
     return -advantage * policy_logps, advantage

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_align.losses.masked import SumAcrossRanks
+
 __all__ = [
     "LossOutput",
     "KTOOutput",
@@ -41,7 +43,10 @@ __all__ = [
     "bradley_terry_loss",
     "PREFERENCE_LOSSES",
     "REFERENCE_FREE_LOSSES",
+    "LABEL_SMOOTHING_LOSSES",
     "preference_loss",
+    "check_preference_arguments",
+    "check_kto_arguments",
 ]
 
 
@@ -308,43 +313,47 @@ def kto_loss(
     (the constant ``λ_y`` of Eq. 8 is dropped, as in the paper's and TRL's implementation). ``1 − σ(x)`` is
     computed as ``σ(−x)``, which is stable for any ``x``.
 
-    ``kl`` is used **as given**: the caller is responsible for detaching it, clamping it at 0 and averaging it
-    over all ranks — :func:`kto_kl_estimate` does the first two. No gradient should flow through ``z``.
+    No gradient flows through ``z`` or the reference log-probs: both are **detached here** (z_ref is a fixed
+    reference point of the value function, not something the policy may move — as TRL, which computes it under
+    ``no_grad``). Estimating ``z`` — the mean over all ranks, clamped at 0 — is :func:`kto_kl_estimate`'s job.
 
     Args:
         policy_logps / ref_logps: sequence-summed log-probs of the (prompt, completion) examples, ``[B]``.
         desirable: bool tensor ``[B]``; True for desirable ("chosen") examples.
         kl: the reference point ``z_ref`` (scalar tensor or float).
-        beta: ``β`` (> 0); desirable_weight / undesirable_weight: ``λ_D`` / ``λ_U``.
+        beta: ``β`` (> 0); desirable_weight / undesirable_weight: ``λ_D`` / ``λ_U`` (> 0).
 
     Returns:
         :class:`KTOOutput` ``(losses [B] already weighted, rewards [B] = β·r detached)``.
     """
-    _check_beta(beta)
+    check_kto_arguments(beta, desirable_weight, undesirable_weight)
     desirable = torch.as_tensor(desirable, device=policy_logps.device).bool()
-    logratios = policy_logps - ref_logps
-    z = torch.as_tensor(kl, dtype=logratios.dtype, device=logratios.device)
+    logratios = policy_logps - ref_logps.detach()
+    z = torch.as_tensor(kl, dtype=logratios.dtype, device=logratios.device).detach()
     desirable_losses = desirable_weight * torch.sigmoid(-beta * (logratios - z))
     undesirable_losses = undesirable_weight * torch.sigmoid(-beta * (z - logratios))
     losses = torch.where(desirable, desirable_losses, undesirable_losses)
     return KTOOutput(losses, (beta * logratios).detach())
 
 
-def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor:
+def kto_kl_estimate(
+    kl_policy_logps: Tensor, kl_ref_logps: Tensor, sum_across_ranks: SumAcrossRanks | None = None
+) -> Tensor:
     """The KTO reference point ``z_ref = max(0, mean(π(y'|x) − ref(y'|x)))`` over mismatched pairs
     ``(x, y')`` (Ethayarajh et al. 2024, Sec. 4.1; TRL ``kto_trainer.py``), detached.
 
-    **Under DDP the mean must be over all ranks**, not per device: gather ``kl_policy_logps`` and
-    ``kl_ref_logps`` from every rank first (e.g. ``LightningModule.all_gather(...).flatten()``) and pass the
-    gathered tensors, so every rank uses the same ``z_ref``. This function is purely local.
+    **Under DDP the mean must be over all ranks**, not per device, so every rank uses the same ``z_ref``: pass
+    ``sum_across_ranks`` (e.g. ``AlignmentModule.sum_across_ranks``, which ``KTOModule`` passes); it receives the
+    local ``[Σ log-ratio, count]`` and must return the sums over every rank (one collective). ``None`` = this
+    process only. The mean is taken before the clamp (the mean of clamped per-rank values would be biased up).
 
     Returns:
-        A detached 0-dim tensor ``>= 0``; ``0`` for empty inputs (rather than NaN).
+        A detached 0-dim tensor ``>= 0``; ``0`` when there is no pair at all (rather than NaN).
     """
     diff = (kl_policy_logps - kl_ref_logps).detach()
-    if diff.numel() == 0:
-        return torch.zeros((), dtype=diff.dtype, device=diff.device)
-    return diff.mean().clamp_min(0)
+    local = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=diff.dtype, device=diff.device)])
+    total, count = local if sum_across_ranks is None else sum_across_ranks(local)
+    return (total / count.clamp_min(1)).clamp_min(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,8 +410,60 @@ PREFERENCE_LOSSES: dict[str, Callable[..., LossOutput]] = {
 REFERENCE_FREE_LOSSES: frozenset[str] = frozenset({"simpo"})
 """Losses that need no reference model (callers can skip loading / running one)."""
 
+LABEL_SMOOTHING_LOSSES: frozenset[str] = frozenset({"sigmoid", "robust", "simpo"})
+"""Losses that take ``label_smoothing`` (ε): cDPO for ``sigmoid`` / ``simpo``, robust DPO for ``robust``."""
+
 _NEEDS_LENGTHS = frozenset({"ipo", "simpo"})
-_SUPPORTS_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "simpo"})
+
+
+def _check_loss_type(loss_type: str) -> None:
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(
+            f"Unknown preference loss_type {loss_type!r}; valid names are: {', '.join(sorted(PREFERENCE_LOSSES))}"
+        )
+
+
+def _check_supports_label_smoothing(loss_type: str, label_smoothing: float) -> None:
+    if label_smoothing and loss_type not in LABEL_SMOOTHING_LOSSES:
+        raise ValueError(
+            f"loss_type {loss_type!r} does not support label_smoothing (got {label_smoothing}); "
+            f"losses that do: {', '.join(sorted(LABEL_SMOOTHING_LOSSES))}"
+        )
+
+
+def check_preference_arguments(loss_type: str, *, beta: float, label_smoothing: float = 0.0) -> None:
+    """Refuse a preference-loss configuration that could never run (``DPOModule`` calls this at construction,
+    before any model loads, so a bad combination does not fail only at the first step).
+
+    Raises:
+        ValueError: naming the argument and its value, for an unknown ``loss_type`` (the message lists
+            :data:`PREFERENCE_LOSSES`), ``beta <= 0``, a non-zero ``label_smoothing`` with a loss outside
+            :data:`LABEL_SMOOTHING_LOSSES`, or ``label_smoothing`` outside ``[0, 0.5)``: ε is the assumed rate of
+            flipped labels, and at ε ≥ 0.5 the labels carry no (or reversed) preference — robust DPO divides
+            by ``1 − 2ε``, and cDPO's optimum ``β·Δ = log((1−ε)/ε)`` is ``≤ 0``. (The loss functions themselves
+            accept cDPO's ``ε ∈ [0, 1]`` for completeness.)
+    """
+    _check_loss_type(loss_type)
+    _check_beta(beta)
+    _check_supports_label_smoothing(loss_type, label_smoothing)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(
+            f"label_smoothing (ε, the assumed rate of flipped preference labels) must be in [0, 0.5), "
+            f"got {label_smoothing}"
+        )
+
+
+def check_kto_arguments(beta: float, desirable_weight: float, undesirable_weight: float) -> None:
+    """Refuse ``beta <= 0`` and non-positive ``desirable_weight`` / ``undesirable_weight`` (λ_D, λ_U of KTO
+    Eq. 8, positive in the paper): ``KTOModule`` calls this at construction, :func:`kto_loss` on every call.
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    _check_beta(beta)
+    for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if not value > 0:
+            raise ValueError(f"{name} (λ of KTO Eq. 8) must be > 0, got {value}")
 
 
 def preference_loss(
@@ -429,10 +490,7 @@ def preference_loss(
             missing (reference log-probs for a reference-based loss, lengths for ``"ipo"`` / ``"simpo"``); or
             when a non-zero ``label_smoothing`` is given to a loss that does not support it.
     """
-    if loss_type not in PREFERENCE_LOSSES:
-        raise ValueError(
-            f"Unknown preference loss_type {loss_type!r}; valid names are: {', '.join(sorted(PREFERENCE_LOSSES))}"
-        )
+    _check_loss_type(loss_type)
     fn = PREFERENCE_LOSSES[loss_type]
     kwargs: dict[str, object] = {
         "policy_chosen_logps": policy_chosen_logps,
@@ -460,13 +518,9 @@ def preference_loss(
             )
         kwargs["chosen_lengths"] = chosen_lengths
         kwargs["rejected_lengths"] = rejected_lengths
-    if loss_type in _SUPPORTS_LABEL_SMOOTHING:
+    _check_supports_label_smoothing(loss_type, label_smoothing)
+    if loss_type in LABEL_SMOOTHING_LOSSES:
         kwargs["label_smoothing"] = label_smoothing
-    elif label_smoothing:
-        raise ValueError(
-            f"loss_type {loss_type!r} does not support label_smoothing (got {label_smoothing}); "
-            f"losses that do: {', '.join(sorted(_SUPPORTS_LABEL_SMOOTHING))}"
-        )
     if loss_type == "simpo":
         kwargs["gamma"] = gamma
     return fn(**kwargs)
