@@ -1,16 +1,25 @@
 """Gradient entanglement monitor (Yuan et al. 2024, "A Common Pitfall of Margin-based Language Model Alignment:
 Gradient Entanglement", Sec. 3-4).
 
-A margin loss only asks log π(y_w) − log π(y_l) to grow. Whether each side moves the intended way depends on the
-per-pair gradients g_w = ∇ log π(y_w|x), g_l = ∇ log π(y_l|x) and the loss's margin coefficients (c_w, c_l):
-the chosen log-prob falls when c_l·⟨g_w,g_l⟩ > c_w·‖g_w‖², the rejected one rises when c_w·⟨g_w,g_l⟩ > c_l·‖g_l‖²
-(``lit_align.gradients.margin_coefficients``). Every ``every_n_steps`` this callback measures, on a fixed probe set of
-pairs, the exact per-pair inner products and norms, and logs under ``entanglement/``:
+A margin loss ℓ(m) moves log π(y_w) − log π(y_l) in the direction of −ℓ'(m). Whether each side moves the way the
+loss intends depends on the per-pair gradients g_w = ∇ log π(y_w|x), g_l = ∇ log π(y_l|x) and the loss's margin
+coefficients (c_w, c_l): a step moves log π(y_w) by −ℓ'(m)·(c_w·‖g_w‖² − c_l·⟨g_w,g_l⟩) and log π(y_l) by
+−ℓ'(m)·(c_w·⟨g_w,g_l⟩ − c_l·‖g_l‖²) (``lit_align.gradients.margin_coefficients``). While the loss widens the margin
+(−ℓ' > 0) the chosen log-prob falls when c_l·⟨g_w,g_l⟩ > c_w·‖g_w‖² and the rejected one rises when
+c_w·⟨g_w,g_l⟩ > c_l·‖g_l‖²; where it narrows the margin (−ℓ' < 0: IPO past 1/(2β), cDPO once σ(m) > 1−ε) both moves
+flip, and where ℓ' = 0 (hinge past its margin) nothing moves. The sign is taken per pair from the module's
+``pair_loss_slope`` (``lit_align.gradients.margin_loss_slope``). Every ``every_n_steps`` this callback measures, on a
+fixed probe set of pairs, the exact per-pair inner products and norms, and logs under ``entanglement/``:
 
 * ``inner``, ``cosine``, ``norm_sq_chosen``, ``norm_sq_rejected`` (means over the probe pairs);
 * ``ratio_chosen`` = ⟨g_w,g_l⟩/‖g_w‖² and ``ratio_rejected`` = ⟨g_w,g_l⟩/‖g_l‖² (per-pair, then averaged; the
   authors' code divides by ‖g_w‖² only);
-* ``chosen_falls``, ``rejected_rises`` and ``condition_failed`` (their union): fractions of probe pairs;
+* ``chosen_falls``, ``rejected_rises``: fractions of probe pairs whose own step (first order) lowers the chosen /
+  raises the rejected log-prob, with the sign of ℓ' of each pair;
+* ``condition_failed``: fraction of pairs where a log-prob moves against the loss's own intent (the chosen against
+  the margin's direction, or the rejected with it) — the entanglement condition c_l·⟨g_w,g_l⟩ > c_w·‖g_w‖² or
+  c_w·⟨g_w,g_l⟩ > c_l·‖g_l‖², which does not depend on the sign of ℓ'; pairs with ℓ' = 0 do not count;
+* ``margin_narrowing``: fraction of pairs whose loss narrows the margin (−ℓ' < 0);
 * ``logps_chosen``, ``logps_rejected``: the probe's mean sequence log-probs, whose trend over training is the
   symptom the paper plots; ``seconds``: the cost of the call.
 
@@ -59,7 +68,8 @@ PREFIX = "entanglement/"
 class GradientEntanglementMonitor(AlignmentCallback):
     """Per-pair gradient inner products, entanglement ratios and log-prob trends on a fixed probe set.
 
-    Works with any module that has ``pair_margin_coefficients(batch) -> (c_w, c_l)`` (DPOModule, KTOModule).
+    Works with any module that has ``pair_margin_coefficients(batch) -> (c_w, c_l)`` and
+    ``pair_loss_slope(batch, split) -> −ℓ'(m)`` per pair (DPOModule, KTOModule).
 
     Args:
         every_n_steps: measure after every this many optimizer steps (and once before the first).
@@ -93,10 +103,10 @@ class GradientEntanglementMonitor(AlignmentCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if not hasattr(pl_module, "pair_margin_coefficients"):
+        if not (hasattr(pl_module, "pair_margin_coefficients") and hasattr(pl_module, "pair_loss_slope")):
             raise TypeError(
-                f"GradientEntanglementMonitor needs a margin-based module with pair_margin_coefficients "
-                f"(DPOModule, KTOModule); got {type(pl_module).__name__}"
+                f"GradientEntanglementMonitor needs a margin-based module with pair_margin_coefficients and "
+                f"pair_loss_slope (DPOModule, KTOModule); got {type(pl_module).__name__}"
             )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -144,7 +154,8 @@ class GradientEntanglementMonitor(AlignmentCallback):
         )
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             c_chosen, c_rejected = (c.float() for c in pl_module.pair_margin_coefficients(self.probe))
-        metrics = entanglement_summary(products, c_chosen, c_rejected)
+            slope = pl_module.pair_loss_slope(self.probe, self.split)
+        metrics = entanglement_summary(products, c_chosen, c_rejected, slope)
         metrics["seconds"] = time.perf_counter() - start
         entry = {"step": trainer.global_step, **metrics}
         self.history.append(entry)
@@ -216,12 +227,18 @@ def _local(parameter: nn.Parameter) -> Tensor:
     return grad
 
 
-def entanglement_summary(products: Mapping[str, Tensor], c_chosen: Tensor, c_rejected: Tensor) -> dict[str, float]:
-    """Means over the probe pairs of the quantities listed in the module docstring."""
+def entanglement_summary(
+    products: Mapping[str, Tensor], c_chosen: Tensor, c_rejected: Tensor, slope: Tensor
+) -> dict[str, float]:
+    """Means over the probe pairs of the quantities listed in the module docstring; ``slope`` = −ℓ'(m) per pair."""
     inner, chosen_sq, rejected_sq = products["inner"], products["chosen_norm_sq"], products["rejected_norm_sq"]
-    c_chosen, c_rejected = c_chosen.to(inner), c_rejected.to(inner)
+    c_chosen, c_rejected, slope = c_chosen.to(inner), c_rejected.to(inner), slope.to(inner)
     floor = MIN_GRADIENT_NORM**2
-    chosen_falls, rejected_rises = entanglement_condition(inner, chosen_sq, rejected_sq, c_chosen, c_rejected)
+    chosen_falls, rejected_rises = entanglement_condition(inner, chosen_sq, rejected_sq, c_chosen, c_rejected, slope)
+    # against the loss's intent, whichever way it pushes the margin: the geometry with a positive slope
+    chosen_against, rejected_against = entanglement_condition(
+        inner, chosen_sq, rejected_sq, c_chosen, c_rejected, torch.ones_like(slope)
+    )
     values = {
         "inner": inner,
         "cosine": inner / (chosen_sq * rejected_sq).sqrt().clamp_min(floor),
@@ -231,7 +248,8 @@ def entanglement_summary(products: Mapping[str, Tensor], c_chosen: Tensor, c_rej
         "ratio_rejected": inner / rejected_sq.clamp_min(floor),
         "chosen_falls": chosen_falls.double(),
         "rejected_rises": rejected_rises.double(),
-        "condition_failed": (chosen_falls | rejected_rises).double(),
+        "condition_failed": ((chosen_against | rejected_against) & (slope != 0)).double(),
+        "margin_narrowing": (slope < 0).double(),
         "coefficient_ratio": c_chosen / c_rejected,
         "logps_chosen": products["chosen_logps"],
         "logps_rejected": products["rejected_logps"],

@@ -10,12 +10,20 @@ optimizer update Δθ = θ_after − θ_before is replaced by a merge with τ (t
                        F_p keeps the top-p fraction of a tensor by |x|;  a ⊕ b = a + b where the signs agree,
                        else the larger-magnitude one
 
-Our defaults follow the paper's equations; the released code (QwenLM/online_merging_optimizers) differs, and each
-difference is an option: ``rescale=True`` divides kept entries by p (the code's ``F.dropout``; the paper says it
-"neglects the rescaling"); ``fixed_reference_mask=True`` samples the OnDARE mask of τ once (the code) instead of
-every step; OnTIES's sign election compares the weighted terms α·τ and (1 − α)·Δθ as in Eq. 7 (the code compares
-them unweighted). Δθ is AdamW's full update including decoupled weight decay. Note the direction: α·F(τ) pushes
-the weights further along base → SFT every step; it is not an anchor toward θ_SFT.
+OnDARE rescales kept entries by 1/p by default (``rescale=True``), so that E[F_R(x)] = x and the expected update is
+
+    E[θ_t − θ_{t−1}] = (1 − α)·Δθ + α·τ
+
+This is what produced the paper's numbers: the released code (QwenLM/online_merging_optimizers) sparsifies with
+``F.dropout``, which divides kept entries by p, and the paper's own argument that OnDARE is an *unbiased* random
+sparsification (Sec. 5.3) holds only with it. The paper's text says it "neglects the rescaling"; that reading is
+``rescale=False``, whose expected update is p·((1 − α)·Δθ + α·τ): with the default p = 0.01 a step ~100× smaller
+than AdamW's at the same learning rate, so a "tax reduction" measured against AdamW would be confounded with a tiny
+step. (The code's own ``--rescale`` flag is a further L1-norm matching, off in the released run; not implemented.)
+Other differences from the released code are options: ``fixed_reference_mask=True`` samples the OnDARE mask of τ
+once (the code) instead of every step; OnTIES's sign election compares the weighted terms α·τ and (1 − α)·Δθ as in
+Eq. 7 (the code compares them unweighted). Δθ is AdamW's full update including decoupled weight decay. Note the
+direction: α·F(τ) pushes the weights further along base → SFT every step; it is not an anchor toward θ_SFT.
 
 Extra copies of the weights: τ (the size of the trainable weights; θ_SFT and θ_base are never kept) and the
 pre-step weights, refreshed at each step. Masks are drawn for the whole tensor from the callback's own seeded
@@ -68,7 +76,8 @@ class OnlineMerging(AlignmentCallback):
         method: ``ondare`` or ``onties``.
         alpha: merging weight α (paper: search from 1e-7; Table 2 sweeps 1e-7 … 1e-4).
         keep: reserve rate p, the fraction of entries kept by F (paper: robust down to 5e-4; code default 0.01).
-        rescale: divide kept OnDARE entries by p (released code) instead of not rescaling (paper).
+        rescale: divide kept OnDARE entries by p (default: the released code's ``F.dropout``, an unbiased update);
+            False keeps them as they are (the paper's wording; the expected update shrinks by p).
         fixed_reference_mask: OnDARE samples τ's mask once per run (released code) instead of every step.
         seed: seed of the mask generator.
     """
@@ -79,7 +88,7 @@ class OnlineMerging(AlignmentCallback):
         method: Literal["ondare", "onties"] = "ondare",
         alpha: float = 1e-7,
         keep: float = 0.01,
-        rescale: bool = False,
+        rescale: bool = True,
         fixed_reference_mask: bool = False,
         seed: int = 0,
     ) -> None:
@@ -121,6 +130,12 @@ class OnlineMerging(AlignmentCallback):
                 for name, parameter in self.weights.items():
                     whole = full(self.tau.whole(name))
                     self.tau[name].mul_(shard_like(top_fraction_mask(whole, self.keep), parameter))
+        self.track(self.weights, self.tau)
+
+    def track(self, weights: dict[str, Tensor], tau) -> None:
+        """Merge every update of ``weights`` (name → parameter) with ``tau`` (name → this rank's τ shard) from now
+        on: what ``on_configure_model`` sets up once the models exist."""
+        self.weights, self.tau = weights, tau
         self.reference_masks: dict[str, Tensor] = {}
         self.before = {name: local(p).detach().clone() for name, p in self.weights.items()}
 
@@ -141,25 +156,27 @@ class OnlineMerging(AlignmentCallback):
         return self.reference_masks[name]
 
     @torch.no_grad()
+    def merged_update(self, name: str, parameter: Tensor, delta: Tensor) -> Tensor:
+        """The update that replaces the optimizer's ``delta`` (this rank's shard) of tensor ``name``, drawing the
+        OnDARE masks from the callback's generator."""
+        tau = self.tau[name]
+        if self.method == "ondare":
+            keep_tau = self.fixed_mask(name, parameter) if self.fixed_reference_mask else self.bernoulli_mask(parameter)
+            keep_delta = self.bernoulli_mask(parameter)
+            return ondare_update(delta, tau, keep_delta, keep_tau, self.alpha, self.keep, self.rescale)
+        whole_delta = full(_as_sharded(delta, parameter))
+        keep_delta = shard_like(top_fraction_mask(whole_delta, self.keep), parameter)
+        return onties_update(delta, tau, keep_delta, tau != 0, self.alpha)
+
+    @torch.no_grad()
     def on_after_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.steps += 1
         for name, parameter in self.weights.items():
-            current, before, tau = local(parameter), self.before[name], self.tau[name]
-            delta = current - before
-            if self.method == "ondare":
-                if self.fixed_reference_mask:
-                    keep_tau = self.fixed_mask(name, parameter)
-                else:
-                    keep_tau = self.bernoulli_mask(parameter)
-                keep_delta = self.bernoulli_mask(parameter)
-                update = ondare_update(delta, tau, keep_delta, keep_tau, self.alpha, self.keep, self.rescale)
-            else:
-                whole_delta = full(_as_sharded(delta, parameter))
-                keep_delta = shard_like(top_fraction_mask(whole_delta, self.keep), parameter)
-                update = onties_update(delta, tau, keep_delta, tau != 0, self.alpha)
-            current.copy_(before + update)
+            current, before = local(parameter), self.before[name]
+            current.copy_(before + self.merged_update(name, parameter, current - before))
         if self.steps == 1:
-            rank_zero_info(f"OnlineMerging ({self.method}, alpha={self.alpha}, keep={self.keep}) merges every update")
+            settings = f"{self.method}, alpha={self.alpha}, keep={self.keep}, rescale={self.rescale}"
+            rank_zero_info(f"OnlineMerging ({settings}) merges every update")
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "generator": self.generator.get_state()}

@@ -3,6 +3,7 @@ Language Model Alignment: Gradient Entanglement").
 
 ``g_w = ∇_θ log π(y_w|x)`` and ``g_l = ∇_θ log π(y_l|x)`` are gradients of *sequence-summed* completion log-probs.
 :func:`margin_coefficients` (and :func:`kto_margin_coefficients`) give each loss's ``(c_w, c_l)``;
+:func:`margin_loss_slope` gives ``−ℓ'(m)`` per pair, whose sign says whether the loss widens or narrows the margin;
 :func:`entanglement_condition` turns them and the inner products into "does this pair's own step lower the chosen /
 raise the rejected log-prob"; :func:`normalized_pair_objective` is the pairwise-normalised mitigation used by
 ``DPOModule(normalize_pair_gradients=True)``.
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_align.losses.preference import PREFERENCE_LOSSES
+from lit_align.losses.preference import PREFERENCE_LOSSES, preference_loss
 
 # A per-example gradient norm below this is treated as this (an empty completion has g = 0).
 MIN_GRADIENT_NORM = 1e-12
@@ -39,7 +40,10 @@ def margin_coefficients(
         Δ log π_l = −η·ℓ'(m)·(c_w·⟨g_w, g_l⟩ − c_l·‖g_l‖²)
 
     With ``−ℓ'(m) > 0`` (the loss still wants a larger margin) the chosen log-prob rises iff
-    ``⟨g_w, g_l⟩ < (c_w/c_l)·‖g_w‖²`` and the rejected one falls iff ``⟨g_w, g_l⟩ < (c_l/c_w)·‖g_l‖²``.
+    ``⟨g_w, g_l⟩ < (c_w/c_l)·‖g_w‖²`` and the rejected one falls iff ``⟨g_w, g_l⟩ < (c_l/c_w)·‖g_l‖²``. With
+    ``−ℓ'(m) < 0`` (IPO past its target ``m > 1/(2β)``; cDPO once ``σ(m) > 1−ε``) the loss narrows the margin and
+    both moves flip; with ``ℓ'(m) = 0`` (hinge past its margin) the pair does not move at all.
+    :func:`margin_loss_slope` gives ``−ℓ'(m)`` per pair.
 
     =========  ====================================  ===============  ===============  ===========================
     loss_type  margin m                              c_w              c_l              ℓ(m)
@@ -77,6 +81,58 @@ def margin_coefficients(
     return torch.full_like(chosen, beta), torch.full_like(rejected, beta)
 
 
+def margin_loss_slope(
+    loss_type: str,
+    *,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+) -> Tensor:
+    """``s = −ℓ'(m)`` of each pair: how hard, and which way, its loss pushes the margin ``m`` of
+    :func:`margin_coefficients`. ``s > 0``: the loss widens the margin; ``s < 0``: it narrows it; ``s = 0``: flat.
+
+    Taken from the loss itself (:func:`~lit_align.losses.preference_loss`, autograd in float64):
+    ``∂L/∂log π_w = ℓ'(m)·c_w`` with ``c_w > 0``, so ``s = −(∂L/∂log π_w)/c_w``. For the losses here:
+
+    * ``sigmoid`` (cDPO, smoothing ε): ``s = (1−ε) − σ(m)`` — negative once ``σ(m) > 1−ε``, i.e. past cDPO's
+      optimum ``m = log((1−ε)/ε)``; plain DPO (ε = 0) is ``σ(−m) > 0`` always;
+    * ``ipo``: ``s = −2·(m − 1/(2β))`` — negative once the length-normalised margin passes its target ``1/(2β)``;
+    * ``hinge``: 1 while ``m < 1``, then 0; ``robust`` and ``simpo`` (ε < ½): always > 0.
+
+    Arguments as :func:`~lit_align.losses.preference_loss` (sequence-summed log-probs ``[B]``, lengths ``[B]``).
+    Returns ``[B]`` in float64.
+    """
+    with torch.enable_grad():
+        chosen = policy_chosen_logps.detach().double().requires_grad_(True)
+
+        def double(value: Tensor | None) -> Tensor | None:
+            return None if value is None else torch.as_tensor(value).detach().double()
+
+        out = preference_loss(
+            loss_type,
+            policy_chosen_logps=chosen,
+            policy_rejected_logps=double(policy_rejected_logps),
+            ref_chosen_logps=double(ref_chosen_logps),
+            ref_rejected_logps=double(ref_rejected_logps),
+            chosen_lengths=double(chosen_lengths),
+            rejected_lengths=double(rejected_lengths),
+            beta=beta,
+            label_smoothing=label_smoothing,
+            gamma=gamma,
+        )
+        (d_chosen,) = torch.autograd.grad(out.losses.sum(), [chosen])
+    c_chosen, _ = margin_coefficients(
+        loss_type, beta=beta, chosen_lengths=double(chosen_lengths), rejected_lengths=double(rejected_lengths)
+    )
+    return -d_chosen / c_chosen
+
+
 def kto_margin_coefficients(
     chosen_logratios: Tensor,
     rejected_logratios: Tensor,
@@ -94,7 +150,9 @@ def kto_margin_coefficients(
         ∂/∂log π_w  λ_D·σ(−x_w) = −λ_D·β·σ(x_w)·σ(−x_w)  =: −c_w
         ∂/∂log π_l  λ_U·σ(−x_l) = +λ_U·β·σ(x_l)·σ(−x_l)  =: +c_l
 
-    so a step moves the log-probs as in :func:`margin_coefficients` with ``−ℓ' = 1``. The coefficients depend on
+    so a step moves the log-probs as in :func:`margin_coefficients` with ``−ℓ' = 1`` (slope 1 in
+    :func:`entanglement_condition`: both coefficients are > 0, KTO always pushes the desirable row up and the
+    undesirable one down). The coefficients depend on
     the current rewards: a row far past ``z`` stops pulling, which makes ``c_w/c_l`` drift during training.
     """
     z = torch.as_tensor(reference_point, dtype=chosen_logratios.dtype, device=chosen_logratios.device)
@@ -106,19 +164,29 @@ def kto_margin_coefficients(
 
 
 def entanglement_condition(
-    inner: Tensor, chosen_norm_sq: Tensor, rejected_norm_sq: Tensor, c_chosen: Tensor, c_rejected: Tensor
+    inner: Tensor,
+    chosen_norm_sq: Tensor,
+    rejected_norm_sq: Tensor,
+    c_chosen: Tensor,
+    c_rejected: Tensor,
+    slope: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Which pairs violate "chosen up, rejected down" under their own step (first order, ``−ℓ'(m) > 0``).
+    """Which pairs' own step lowers the chosen / raises the rejected log-prob (first order).
 
-    From ``Δ log π_w ∝ c_w·‖g_w‖² − c_l·⟨g_w,g_l⟩`` and ``Δ log π_l ∝ c_w·⟨g_w,g_l⟩ − c_l·‖g_l‖²``
-    (derivation in :func:`margin_coefficients`).
+    From ``Δ log π_w = η·s·(c_w·‖g_w‖² − c_l·⟨g_w,g_l⟩)`` and ``Δ log π_l = η·s·(c_w·⟨g_w,g_l⟩ − c_l·‖g_l‖²)``
+    with ``s = −ℓ'(m)`` the pair's ``slope`` (:func:`margin_loss_slope`; derivation in
+    :func:`margin_coefficients`). Only the sign of ``s`` matters: ``s > 0`` is the usual case (the loss widens
+    the margin), ``s < 0`` flips both moves (IPO past ``1/(2β)``, cDPO once ``σ(m) > 1−ε``), ``s = 0`` (hinge past
+    its margin) moves nothing, so neither flag is set.
 
     Returns:
-        ``(chosen_falls, rejected_rises)``: bool tensors ``[B]``. By Cauchy–Schwarz and ``c > 0`` at most one of
-        them holds for a pair, so the margin itself always grows.
+        ``(chosen_falls, rejected_rises)``: bool tensors ``[B]``. With ``s > 0`` at most one of them holds for a
+        pair (Cauchy–Schwarz, ``c > 0``), so the margin grows; with ``s < 0`` the margin shrinks, so at least one
+        holds — usually both.
     """
-    chosen_falls = c_rejected * inner > c_chosen * chosen_norm_sq
-    rejected_rises = c_chosen * inner > c_rejected * rejected_norm_sq
+    slope = slope.to(inner)
+    chosen_falls = slope * (c_chosen * chosen_norm_sq - c_rejected * inner) < 0
+    rejected_rises = slope * (c_chosen * inner - c_rejected * rejected_norm_sq) > 0
     return chosen_falls, rejected_rises
 
 

@@ -426,8 +426,8 @@ class GRPOModule(AlignmentModule):
 
     # ---- 4. loss ------------------------------------------------------------------------------------------------
 
-    def grpo_loss(self, rollout: GRPORollout, rows: Tensor) -> dict[str, Tensor]:
-        """The ``loss_type`` aggregate of the per-token loss over the micro-batch ``rows``, and its statistics."""
+    def grpo_loss(self, rollout: GRPORollout, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The ``loss_type`` aggregate of the per-token loss over the micro-batch ``rows``, and detached statistics."""
         mask = rollout.response_mask[rows].float()
         logprobs, logits, _ = response_logprobs(
             self.policy,
@@ -455,7 +455,7 @@ class GRPOModule(AlignmentModule):
             }
             if ref is not None:
                 stats["kl"] = masked_mean(kl_penalty(logprobs, ref, "k3"), mask)
-        return {"loss": loss, **stats}
+        return loss, stats
 
     @property
     def epsilon_high(self) -> float:
@@ -482,9 +482,9 @@ class GRPOModule(AlignmentModule):
         mask = rollout.response_mask.float()
 
         def micro_step(minibatch: Tensor, micro: Tensor) -> dict[str, Tensor]:
-            losses = self.grpo_loss(rollout, micro)
-            self.manual_backward(losses.pop("loss") * self.micro_batch_share(mask, minibatch, micro))
-            return losses
+            loss, stats = self.grpo_loss(rollout, micro)
+            self.manual_backward(loss * self.micro_batch_share(mask, minibatch, micro))
+            return stats
 
         history = self.minibatch_updates(
             mask.shape[0], self.hparams.num_iterations, micro_step, self.hparams.max_grad_norm

@@ -136,6 +136,11 @@ class KTOModule(AlignmentModule):
             undesirable_weight=self.hparams.undesirable_weight,
         )
 
+    def pair_loss_slope(self, batch: dict, split: str = "val") -> Tensor:
+        """KTO's ``pair_margin_coefficients`` already are the loss's derivatives, both > 0: slope 1 for every pair
+        (``gradients.kto_margin_coefficients``)."""
+        return torch.ones(batch[CHOSEN_INPUT_IDS].shape[0], device=batch[CHOSEN_INPUT_IDS].device)
+
     def on_train_start(self) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is None or not datamodule.has_split("train"):

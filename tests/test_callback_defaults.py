@@ -43,6 +43,7 @@ def relative_error(got: dict, expected: dict, initial: dict) -> float:
 
 @pytest.mark.parametrize("block_alphas", [None, [0.1, 0.5]], ids=["wise-ft", "hma"])
 def test_weight_interpolation_under_lora_interpolates_the_effective_weights(hh_dir, block_alphas):
+    torch.manual_seed(0)  # LoRA's A init
     recorder = Recorder()
     module = DPOModule(model="tiny-llama", lora=LORA, learning_rate=3e-2, lr_scheduler="constant")
     interpolation = WeightInterpolation(alpha=0.3, block_alphas=block_alphas)
@@ -85,3 +86,73 @@ def test_weight_interpolation_refuses_lora_adapters_that_do_not_start_at_zero(hh
     module = DPOModule(model="tiny-llama", lora=LORA, learning_rate=1e-2)
     with pytest.raises(ValueError, match=r"lora_A.*lora_B.*both non-zero"):
         fit(module, hh_pairs(hh_dir, batch_size=2), [NonZeroStart(), WeightInterpolation(alpha=0.3)], max_steps=1)
+
+
+# ---- OnDARE: the default update is unbiased ---------------------------------------------------------------------
+
+# six hand-picked entries, tiled 1000 times: every entry of the tensor gets its own Bernoulli draws, so each of the six
+# values is sampled 1000 times per update (400 000 times in all)
+TILES, DRAWS = 1000, 400
+THETA = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5, -0.25], dtype=torch.float64)
+GRAD = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25], dtype=torch.float64)
+TAU = torch.tensor([0.3, -0.2, 0.1, 0.4, -0.5, 0.2], dtype=torch.float64)
+ALPHA = 0.25
+
+
+def tiled(values: torch.Tensor) -> torch.Tensor:
+    return values.repeat(TILES)
+
+
+def check_mean_update(updates: list[torch.Tensor], delta: torch.Tensor, keep: float) -> None:
+    """The mean of the sampled updates is (1 − α)·Δθ + α·τ within 5 standard errors, for each of the six values.
+
+    Each entry is (1 − α)·Δθ·b/p + α·τ·b'/p with independent Bernoulli(p) b, b': mean (1 − α)·Δθ + α·τ,
+    variance ((1 − α)·Δθ)²·(1 − p)/p + (α·τ)²·(1 − p)/p.
+    """
+    samples = torch.stack(updates).reshape(-1, len(delta))  # (draws × tiles, 6)
+    expected = (1 - ALPHA) * delta + ALPHA * TAU
+    variance = ((1 - ALPHA) * delta) ** 2 * (1 - keep) / keep + (ALPHA * TAU) ** 2 * (1 - keep) / keep
+    standard_error = (variance / samples.shape[0]).sqrt()
+    mean = samples.mean(0)
+    assert ((mean - expected).abs() < 5 * standard_error).all(), (mean, expected, standard_error)
+    assert (standard_error < 0.2 * expected.abs()).all()  # tight enough to tell the unbiased mean from p times it
+    # the spread matches too: each entry is kept with probability p and then scaled by 1/p
+    assert torch.allclose(samples.var(0), variance, rtol=0.25)
+
+
+def test_ondare_default_update_is_unbiased_over_many_draws():
+    delta = tiled(torch.tensor([0.1, -0.3, 0.05, 0.2, -0.1, 0.4], dtype=torch.float64))
+    merging = OnlineMerging(base_model="unused", alpha=ALPHA, seed=11)  # default keep 0.01, default rescale
+    assert merging.keep == 0.01 and merging.rescale
+    parameter = torch.nn.Parameter(tiled(THETA))
+    merging.track({"w": parameter}, {"w": tiled(TAU)})
+    updates = [merging.merged_update("w", parameter, delta) for _ in range(DRAWS)]
+    check_mean_update(updates, delta[:6], keep=merging.keep)
+
+    # the paper's wording (no rescale) stays an option: the same masks, no 1/p, so a mean p times smaller
+    unscaled = OnlineMerging(base_model="unused", alpha=ALPHA, seed=11, rescale=False)
+    unscaled.track({"w": parameter}, {"w": tiled(TAU)})
+    for update in updates:
+        assert torch.allclose(unscaled.merged_update("w", parameter, delta), update * unscaled.keep)
+
+
+def test_ondare_default_update_is_unbiased_through_a_real_adamw_step():
+    lr, weight_decay, eps = 0.1, 0.5, 1e-8
+    # AdamW's first step by hand: θ ← θ·(1 − lr·wd), then m̂ = g, v̂ = g², θ ← θ − lr·g/(|g| + eps)
+    delta = -lr * weight_decay * THETA - lr * GRAD / (GRAD.abs() + eps)
+    merging = OnlineMerging(base_model="unused", alpha=ALPHA, seed=5)
+    parameter = torch.nn.Parameter(tiled(THETA))
+    merging.track({"w": parameter}, {"w": tiled(TAU)})
+    updates = []
+    for _ in range(DRAWS):
+        with torch.no_grad():
+            parameter.copy_(tiled(THETA))
+        optimizer = torch.optim.AdamW([parameter], lr=lr, weight_decay=weight_decay, eps=eps)
+        (tiled(GRAD) * parameter).sum().backward()
+        merging.on_before_optimizer_step(None, None, optimizer)
+        optimizer.step()
+        merging.on_after_optimizer_step(None, None)
+        parameter.grad = None
+        updates.append(parameter.detach() - tiled(THETA))
+    assert merging.steps == DRAWS
+    check_mean_update(updates, delta, keep=merging.keep)

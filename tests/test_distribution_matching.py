@@ -1,7 +1,8 @@
 """Distribution matching on an exactly enumerable toy LM: a 2-layer Llama over 6 tokens with 3 new tokens, so every
 completion (156 of them) and its exact probability is known. λ fitting against the exact solution, the exact
-KL(p‖π) falling under KL-DPG and GDC++, GDC++'s lower gradient variance, the proposal-update rule, and the
-estimators and diversity metrics against hand values."""
+KL(p‖π) falling under KL-DPG and GDC++, GDC++'s lower gradient variance, the proposal-update rule and its
+effective-sample-size guard, the Ẑ-normalised loss beyond float range (a KL-control target with log P − log q > 100)
+against a float64 reference, and the estimators and diversity metrics against hand values."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from lit_align import DistributionMatchingModule, SamplingSettings
 from lit_align.ebm import (
     DistributionalConstraint,
     FemalePronounFeature,
+    KLControlTarget,
     PointwiseConstraint,
     WordFeature,
+    effective_sample_size,
     fit_lambdas,
     importance_kl,
     importance_tvd,
@@ -30,6 +33,7 @@ from lit_align.ebm import (
 from lit_align.losses import dpg_loss
 from lit_align.metrics import distinct_n, self_bleu
 from lit_align.models import tiny_llama
+from lit_align.rewards import CallableReward
 
 VOCAB = {"<s>": 0, "a": 1, "b": 2, "c": 3, "amazing": 4, "[UNK]": 5}
 NEW_TOKENS = 3
@@ -146,7 +150,7 @@ def test_the_module_fits_lambda_from_samples_of_a(toy_lm):
         model=toy_lm,
         sampling={"max_new_tokens": NEW_TOKENS},
         moment_matching_samples=8192,
-        learning_rate=0.0,
+        learning_rate=1e-12,  # the test is about λ; learning_rate must be > 0
     )
     torch.manual_seed(0)
     fit(module, toy_data(num_train=1024, batch_size=512), max_steps=1)
@@ -174,10 +178,13 @@ def test_dpg_reduces_the_exact_kl_to_the_target(toy_lm, baseline):
     start = exact_kl_p_pi(log_a, b, log_a)
     torch.manual_seed(0)
     module = towards_amazing(toy_lm, baseline=baseline, proposal_update_every=5, learning_rate=3e-3)
-    fit(module, toy_data(num_train=40 * 64, batch_size=64), max_steps=40)
+    trainer = fit(module, toy_data(num_train=40 * 64, batch_size=64), max_steps=40)
     end = exact_kl_p_pi(log_a, b, exact_logprobs(module.policy, completions))
     assert end < 0.5 * start, (start, end)
     assert int(module.proposal_updates) >= 1
+    # the last check's ESS is logged: 320 samples, ~1/3 of them satisfy the constraint (Z = 0.32 under a)
+    assert 10 < float(trainer.callback_metrics["dpg/ess"]) <= 320
+    assert int(module.proposal_checks_skipped) == 0
 
 
 def test_the_gdc_pp_baseline_lowers_gradient_variance_at_equal_samples(toy_lm):
@@ -196,7 +203,7 @@ def test_the_gdc_pp_baseline_lowers_gradient_variance_at_equal_samples(toy_lm):
         for index in samples.tolist():
             log_pi = exact_logprobs_with_grad(model, completions[index])
             log_target = log_a[index] + torch.log(b[index])
-            loss, _ = dpg_loss(log_pi, log_target, log_a[index], z=z, baseline=baseline)
+            loss, _ = dpg_loss(log_pi, log_target, log_a[index], log_z=math.log(z), baseline=baseline)
             grads = torch.autograd.grad(loss.sum(), list(model.parameters()))
             gradients.append(torch.cat([g.reshape(-1) for g in grads]).double())
         stacked = torch.stack(gradients)
@@ -218,13 +225,13 @@ def test_the_proposal_is_replaced_only_when_the_kl_estimate_improves(toy_lm):
     module = towards_amazing(toy_lm, proposal_update_every=10_000, learning_rate=3e-3)  # no automatic check in fit
     fit(module, toy_data(num_train=30 * 64, batch_size=64), max_steps=30)
     trained = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
-    proposal_before = {n: p.detach().clone() for n, p in module.proposal.named_parameters()}
     data = toy_data(num_train=256, batch_size=256).attach(module.tokenizer, "prompt")
     data.setup("fit")
     batch = next(iter(data.dataloader("train")))
 
-    def check(policy_weights: dict[str, torch.Tensor]) -> tuple[bool, bool]:
-        """(updated?, expected from the test's own estimate on the same samples)."""
+    def check(policy_weights: dict[str, torch.Tensor]) -> bool:
+        """Run the module's check on 256 samples of q with π = ``policy_weights``; assert q afterwards is π's weights
+        exactly when the test's own estimate says KL(p‖π) < KL(p‖q), else unchanged; return that expectation."""
         with torch.no_grad():
             for name, parameter in module.policy.named_parameters():
                 parameter.copy_(policy_weights[name])
@@ -235,27 +242,149 @@ def test_the_proposal_is_replaced_only_when_the_kl_estimate_improves(toy_lm):
         b = torch.tensor([float("amazing" in c.split()) for c in completions], dtype=torch.float64)
         log_target = log_a + torch.log(b)
         weights = torch.exp(log_target - log_q)
-        z = module.z
+        z = float(torch.exp(module.log_z))
         ours = {
-            name: float(-torch.log(z) + (weights * torch.where(b > 0, log_target - other, 0.0)).mean() / z)
+            name: float(-math.log(z) + (weights * torch.where(b > 0, log_target - other, 0.0)).mean() / z)
             for name, other in (("pi", log_pi), ("q", log_q))
         }
         module.window = [
             {"sequences": sequences, "attention_mask": attention, "response_mask": response_mask,
              "width": torch.tensor(width), "log_target": log_target, "log_q": log_q}
         ]  # fmt: skip
-        updates = int(module.proposal_updates)
-        updated = module.maybe_update_proposal()
-        assert updated == (int(module.proposal_updates) == updates + 1)
-        return updated, ours["pi"] < ours["q"]
+        proposal_before = {n: p.detach().clone() for n, p in module.proposal.named_parameters()}
+        expected = ours["pi"] < ours["q"]
+        assert module.maybe_update_proposal() == expected
+        # q is still a here, so the weights P/q are b ∈ {0, 1}: the ESS is the number of samples with "amazing"
+        assert module.last_check_ess == pytest.approx(float(b.sum()))
+        assert float(b.sum()) >= module.hparams.min_proposal_ess  # a healthy window: the check is made
+        now = dict(module.proposal.named_parameters())
+        assert all(torch.equal(now[n], (policy_weights if expected else proposal_before)[n]) for n in now)
+        return expected
 
     random_policy = {n: torch.randn_like(p) * 0.5 for n, p in trained.items()}
-    updated, expected = check(random_policy)
-    assert not updated and not expected
+    assert not check(random_policy)  # rejected: q unchanged
+    assert check(trained)  # accepted: q ← π
+    assert int(module.proposal_updates) == 1 and int(module.proposal_checks_skipped) == 0
+
+
+def test_the_proposal_check_is_skipped_below_the_minimum_effective_sample_size(toy_lm):
+    """Issue 13: with a single sample of p in the window (ESS = 1) the importance-sampled KL estimates rest on one
+    sample — here they come out in π's favour and the unguarded check replaced q by π. Below ``min_proposal_ess``
+    the check is skipped and counted, and q is kept."""
+    with pytest.raises(ValueError, match="min_proposal_ess"):
+        towards_amazing(toy_lm, min_proposal_ess=-1)
+    torch.manual_seed(0)
+    module = towards_amazing(toy_lm, proposal_update_every=10_000, learning_rate=3e-3)
+    fit(module, toy_data(num_train=5 * 64, batch_size=64), max_steps=5)
+    data = toy_data(num_train=64, batch_size=64).attach(module.tokenizer, "prompt")
+    data.setup("fit")
+    batch = next(iter(data.dataloader("train")))
+    with torch.no_grad():
+        sequences, attention, response_mask, width, _ = module.sample(module.proposal, batch)
+        log_q = module.sequence_logprobs_of(module.proposal, sequences, attention, width, response_mask).double()
+        log_pi = module.sequence_logprobs_of(module.policy, sequences, attention, width, response_mask).double()
+    best = int(torch.argmax(log_pi - log_q))
+    assert log_pi[best] > log_q[best]
+    log_target = torch.full_like(log_q, -math.inf)
+    log_target[best] = log_q[best]  # P/q = 1 on one sample, 0 on the 63 others
+    log_z = module.log_z
+    # the unguarded "kld" criterion would accept: KL(p‖π) < KL(p‖q) on this window
+    assert importance_kl(log_target, log_q, log_pi, log_z) < importance_kl(log_target, log_q, log_q, log_z)
+    module.window = [
+        {"sequences": sequences, "attention_mask": attention, "response_mask": response_mask,
+         "width": torch.tensor(width), "log_target": log_target, "log_q": log_q}
+    ]  # fmt: skip
+    proposal_before = {n: p.detach().clone() for n, p in module.proposal.named_parameters()}
+    assert not module.maybe_update_proposal()
+    assert module.last_check_ess == pytest.approx(1.0)
+    assert int(module.proposal_checks_skipped) == 1 and int(module.proposal_updates) == 0
     assert all(torch.equal(p, proposal_before[n]) for n, p in module.proposal.named_parameters())
-    updated, expected = check(trained)
-    assert updated and expected
-    assert all(torch.equal(p, trained[n]) for n, p in module.proposal.named_parameters())
+
+
+def test_effective_sample_size_hand_values():
+    def ess(weights) -> float:
+        return float(effective_sample_size(torch.log(torch.tensor(weights, dtype=torch.float64))))
+
+    assert ess([1.0, 1.0, 1.0, 1.0]) == pytest.approx(4.0)
+    assert ess([3.0, 0.0, 0.0, 0.0]) == pytest.approx(1.0)
+    assert ess([2.0, 1.0, 1.0]) == pytest.approx(16 / 6)  # (2+1+1)² / (4+1+1)
+    assert ess([0.0, 0.0]) == 0.0
+    # any scale, including weights exp(1000) that no float can hold
+    assert float(effective_sample_size(torch.tensor([1000.0, 1000.0, 1000.0 + math.log(2)]))) == pytest.approx(16 / 6)
+
+
+# ---- beyond the float range: KL-control targets far from q ---------------------------------------------------
+
+
+def test_dpg_loss_beyond_the_float_range_is_the_float64_reference_divided_by_z():
+    """Issue 13: log P − log q up to 250 (P/q up to e^250 ≈ 4e108, beyond float32's 3.4e38): the loss and the gradient
+    are finite, and equal the GDC code's unnormalised P/q form computed in float64, divided by Ẑ."""
+    log_q = torch.tensor([-3.0, -4.0, -2.5, -6.0, -5.0], dtype=torch.float64)
+    log_ratio = torch.tensor([100.0, 250.0, 120.0, -math.inf, 180.0], dtype=torch.float64)
+    log_target = log_q + log_ratio
+    log_pi_value = torch.tensor([-2.0, -5.0, -2.0, -4.0, -6.5], dtype=torch.float64)
+    ratio = torch.exp(log_ratio)  # float64 holds e^250
+    z = ratio.mean()
+    for baseline in (False, True):
+        # the reference: the GDC code's advantage P/q (− Ẑ·π/q), in float64
+        reference_logps = log_pi_value.clone().requires_grad_(True)
+        advantage = ratio - (z * torch.exp(log_pi_value - log_q) if baseline else 0.0)
+        (reference_grad,) = torch.autograd.grad((-advantage * reference_logps).mean(), [reference_logps])
+        for dtype in (torch.float32, torch.float64):
+            log_pi = log_pi_value.to(dtype).requires_grad_(True)
+            loss, ours = dpg_loss(log_pi, log_target.to(dtype), log_q.to(dtype), torch.log(z), baseline=baseline)
+            (grad,) = torch.autograd.grad(loss.mean(), [log_pi])
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and torch.isfinite(ours).all()
+            torch.testing.assert_close(grad.double() * z, reference_grad, rtol=1e-6, atol=0.0)
+            torch.testing.assert_close(ours.double() * z, advantage, rtol=1e-6, atol=0.0)
+    # the normalised weights stay bounded by the sample count even where float64 itself overflows (log P/q ≥ 1000)
+    log_z = torch.logsumexp(log_ratio + 900, 0) - math.log(5)
+    _, weights = dpg_loss(torch.zeros(5), log_target + 900, log_q, log_z)
+    assert torch.isfinite(weights).all() and float(weights.sum()) == pytest.approx(5.0)
+
+
+def amazing_bonus(prompts: list[str], completions: list[str]) -> list[float]:
+    """r = 1 + ½·(number of "amazing"): with β = 0.01, log P − log a = r/β ∈ [100, 250]."""
+    return [1.0 + 0.5 * text.split().count("amazing") for text in completions]
+
+
+@pytest.mark.parametrize("baseline", [False, True], ids=["kl_dpg", "gdc_pp"])
+def test_a_kl_control_target_beyond_float32_trains_with_the_scaled_float64_gradient(toy_lm, baseline):
+    """Issue 13: KLControlTarget(r, β = 0.01) puts log P − log q ≥ 100 on every sample; the unnormalised P/q of the
+    GDC code is inf in float32 (the loss was inf). The step's loss and gradient are finite and equal, times Ẑ, to
+    the GDC code's formula evaluated in float64 on the same samples; Ẑ is their mean P/q."""
+    torch.manual_seed(0)
+    target = KLControlTarget(CallableReward(amazing_bonus), beta=0.01)
+    module = DistributionMatchingModule(
+        target, model=toy_lm, sampling=SamplingSettings(max_new_tokens=NEW_TOKENS), baseline=baseline
+    )
+    module.configure_model()
+    module.log_values = lambda *args, **kwargs: None  # no trainer here; logging is tested elsewhere
+    data = toy_data(num_train=16, batch_size=16).attach(module.tokenizer, "prompt")
+    data.setup("fit")
+    loss = module.training_step(next(iter(data.dataloader("train"))), 0)
+    parameters = list(module.policy.parameters())
+    grads = torch.autograd.grad(loss, parameters)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+
+    step = module.window[-1]
+    log_target, log_q, width = step["log_target"], step["log_q"], int(step["width"])
+    ratio = torch.exp(log_target - log_q)  # float64
+    assert float(ratio.min()) > torch.finfo(torch.float32).max  # every P/q is inf in float32
+    z = ratio.mean()
+    assert float(module.log_z) == pytest.approx(float(torch.log(z)), rel=1e-9)
+    log_pi = torch.cat(
+        [
+            exact_logprobs_with_grad(module.policy, step["sequences"][row, width:][mask.bool()].tolist())
+            for row, mask in enumerate(step["response_mask"])
+        ]
+    )
+    advantage = ratio - (z * torch.exp(log_pi.detach() - log_q) if baseline else 0.0)
+    reference = torch.autograd.grad((-advantage * log_pi).mean(), parameters)
+    ours = torch.cat([g.flatten() for g in grads]).double() * z
+    theirs = torch.cat([g.flatten() for g in reference]).double()
+    assert float(theirs.norm()) > 0
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-4  # float32 forward vs float64 log-softmax
 
 
 # ---- estimators and metrics ------------------------------------------------------------------------------------
@@ -266,10 +395,14 @@ def test_importance_estimators_match_hand_values():
     log_q = torch.log(torch.full((4,), 0.25))
     log_p = torch.log(torch.tensor([0.5, 0.0, 0.25, 0.25]))
     log_pi = torch.log(torch.tensor([0.5, 0.1, 0.2, 0.2]))
-    z = 1.0  # Σ P = 1: p = [0.5, 0, 0.25, 0.25]
+    # Σ P = 1: p = [0.5, 0, 0.25, 0.25], log Ẑ = 0
     expected_kl = 0.5 * math.log(0.5 / 0.5) + 2 * 0.25 * math.log(0.25 / 0.2)
-    assert float(importance_kl(log_p, log_q, log_pi, z)) == pytest.approx(expected_kl)
-    assert float(importance_tvd(log_p, log_q, log_pi, z)) == pytest.approx(0.5 * (0 + 0.1 + 0.05 + 0.05))
+    expected_tvd = 0.5 * (0 + 0.1 + 0.05 + 0.05)
+    assert float(importance_kl(log_p, log_q, log_pi, 0.0)) == pytest.approx(expected_kl)
+    assert float(importance_tvd(log_p, log_q, log_pi, 0.0)) == pytest.approx(expected_tvd)
+    # P scaled by e^500 (beyond float64) with log Ẑ = 500: the same normalised p, the same divergences
+    assert float(importance_kl(log_p + 500, log_q, log_pi, 500.0)) == pytest.approx(expected_kl)
+    assert float(importance_tvd(log_p + 500, log_q, log_pi, 500.0)) == pytest.approx(expected_tvd)
 
 
 def test_dpg_loss_hand_values():
@@ -280,8 +413,8 @@ def test_dpg_loss_hand_values():
     )
     loss, advantage = dpg_loss(log_pi, log_p, log_q)
     assert advantage.tolist() == pytest.approx([0.6, 0.0])  # P/q
-    _, with_baseline = dpg_loss(log_pi, log_p, log_q, z=0.5, baseline=True)
-    assert with_baseline.tolist() == pytest.approx([0.6 - 0.5 * 0.4, 0.0 - 0.5 * 0.8])  # P/q − Ẑ·π/q
+    _, with_baseline = dpg_loss(log_pi, log_p, log_q, log_z=math.log(0.5), baseline=True)
+    assert with_baseline.tolist() == pytest.approx([0.6 / 0.5 - 0.4, 0.0 - 0.8])  # P/(Ẑq) − π/q
     assert loss.tolist() == pytest.approx([-0.6 * math.log(0.2), 0.0])
 
 
@@ -319,7 +452,7 @@ def test_elastic_reset_and_interpolation_work_on_distribution_matching(toy_lm):
 
 def test_the_logged_gradient_variance_matches_per_sample_gradients(toy_lm):
     torch.manual_seed(0)
-    module = towards_amazing(toy_lm, learning_rate=0.0)
+    module = towards_amazing(toy_lm, learning_rate=1e-12)
     fit(module, toy_data(num_train=64, batch_size=64), max_steps=1)
     data = toy_data(num_train=16, batch_size=16).attach(module.tokenizer, "prompt")
     data.setup("fit")
@@ -333,7 +466,7 @@ def test_the_logged_gradient_variance_matches_per_sample_gradients(toy_lm):
     for row in range(sequences.shape[0]):
         tokens = sequences[row, width:][response_mask[row].bool()].tolist()
         loss, _ = dpg_loss(exact_logprobs_with_grad(module.policy, tokens), log_target[row : row + 1],
-                           log_q[row : row + 1], z=module.z, baseline=True)  # fmt: skip
+                           log_q[row : row + 1], log_z=module.log_z, baseline=True)  # fmt: skip
         grads = torch.autograd.grad(loss.sum(), list(module.policy.parameters()))
         gradients.append(torch.cat([g.reshape(-1) for g in grads]).double())
     stacked = torch.stack(gradients)
