@@ -274,8 +274,14 @@ class DistributionMatchingModule(AlignmentModule):
         # Right after the step, before Lightning's on_train_batch_end hooks (ModelCheckpoint's among them), so a
         # checkpoint of step N holds q after step N's check. The sample window is not checkpointed: with
         # proposal_update_every > 1 a resumed run's first check sees only the samples drawn since the resume.
-        if self.global_step % self.hparams.proposal_update_every == 0:
+        # global_step still counts the steps before this one here, so the checks follow steps N, 2N, 3N, ...
+        if self.steps_done % self.hparams.proposal_update_every == 0:
             self.maybe_update_proposal()
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps completed, this one included, when called from ``optimizer_step`` after the step."""
+        return self.global_step + 1
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.log("dpg/proposal_updates", self.proposal_updates.float(), on_step=True, on_epoch=False)
@@ -308,7 +314,7 @@ class DistributionMatchingModule(AlignmentModule):
         if ess < self.hparams.min_proposal_ess:
             self.proposal_checks_skipped += 1
             rank_zero_info(
-                f"DistributionMatching: proposal check skipped at step {self.global_step}: the importance weights' "
+                f"DistributionMatching: proposal check skipped after step {self.steps_done}: the importance weights' "
                 f"effective sample size {ess:.2f} < min_proposal_ess {self.hparams.min_proposal_ess}"
             )
             return False
@@ -320,7 +326,7 @@ class DistributionMatchingModule(AlignmentModule):
             return False
         self.update_proposal()
         rank_zero_info(
-            f"DistributionMatching: q ← π at step {self.global_step} "
+            f"DistributionMatching: q ← π after step {self.steps_done} "
             f"(KL(p‖π) {float(kl_pi):.4f} < KL(p‖q) {float(kl_q):.4f})"
         )
         return True

@@ -32,7 +32,7 @@ from datamodules.keys import (
     REJECTED_INPUT_IDS,
 )
 from lit_align.base import AlignmentModule, SequenceLogps
-from lit_align.gradients import margin_coefficients, normalized_pair_objective
+from lit_align.gradients import margin_coefficients, margin_loss_slope, normalized_pair_objective
 from lit_align.losses import REFERENCE_FREE_LOSSES, preference_loss
 from lit_align.losses.preference import check_preference_arguments
 
@@ -158,6 +158,26 @@ class DPOModule(AlignmentModule):
             beta=self.hparams.beta,
             chosen_lengths=batch[CHOSEN_COMPLETION_MASK].sum(-1).float(),
             rejected_lengths=batch[REJECTED_COMPLETION_MASK].sum(-1).float(),
+        )
+
+    @torch.no_grad()
+    def pair_loss_slope(self, batch: dict, split: str = "val") -> Tensor:
+        """−ℓ'(m) of each pair of a pair batch from ``split`` at the current weights: > 0 where the loss widens the
+        margin, < 0 where it narrows it (IPO past 1/(2β), cDPO once σ(m) > 1−ε), 0 where flat (hinge past its
+        margin) — ``gradients.margin_loss_slope``. The reference log-probs come as in training."""
+        chosen, rejected = self.forward_pair(batch)
+        ref_chosen, ref_rejected = self.reference_pair(batch, split)
+        return margin_loss_slope(
+            self.hparams.loss_type,
+            policy_chosen_logps=chosen.logps,
+            policy_rejected_logps=rejected.logps,
+            ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected,
+            chosen_lengths=chosen.tokens,
+            rejected_lengths=rejected.tokens,
+            beta=self.hparams.beta,
+            label_smoothing=self.hparams.label_smoothing,
+            gamma=self.hparams.simpo_gamma,
         )
 
     def normalized_gradient_parameters(self) -> list[nn.Parameter]:

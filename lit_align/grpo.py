@@ -340,7 +340,7 @@ class GRPOModule(AlignmentModule):
 
         # 2. score: r_i = Σ_f w_f · r_f(o_i), a None score left out of the sum (TRL's nansum)
         per_function = self.score(sample)  # [N, F]
-        rewards = self.summed_rewards(per_function, sample)
+        rewards = sample.penalise_missing_eos(self.summed_rewards(per_function), self.hparams.missing_eos_penalty)
         scored = time.perf_counter()
 
         # 3. group advantages: Â_i = (r_i − mean_group) / (std_group + 1e-4), the same for every token of o_i
@@ -406,16 +406,15 @@ class GRPOModule(AlignmentModule):
             scores.append(reward_column(values, len(sample.completions), name))
         return torch.stack(scores, dim=1).to(self.device)
 
-    def summed_rewards(self, per_function: Tensor, sample: Completions) -> Tensor:
-        """``Σ_f w_f · r_f`` ignoring NaN (TRL), minus ``missing_eos_penalty`` without EOS."""
+    def summed_rewards(self, per_function: Tensor) -> Tensor:
+        """``Σ_f w_f · r_f`` over ``[N, F]`` scores, a NaN (None) left out of the sum, as TRL's ``nansum``."""
         missing = per_function.isnan().all(dim=1)
         if missing.any():
             rank_zero_warn(
                 f"GRPOModule: every reward function returned None for {int(missing.sum())} completion(s); "
                 "their reward is 0"
             )
-        rewards = (per_function * self.reward_weights.to(per_function.device)).nansum(dim=1)
-        return sample.penalise_missing_eos(rewards, self.hparams.missing_eos_penalty)
+        return (per_function * self.reward_weights.to(per_function.device)).nansum(dim=1)
 
     def per_function_means(self, per_function: Tensor) -> dict[str, Tensor]:
         """``rewards/<name>/mean`` over the completions each function scored (NaN left out, as TRL's nanmean)."""
@@ -521,7 +520,7 @@ class GRPOModule(AlignmentModule):
                 task_scores.update(func.task_scores(sample.prompts, sample.completions, sample.batch))
         values = {
             **task_scores,
-            "reward": self.summed_rewards(per_function, sample),
+            "reward": self.summed_rewards(per_function),  # the reward alone, as PPO's evaluation
             **self.per_function_means(per_function),
             **self.sample_drift(sample, self.sampling.temperature),
         }

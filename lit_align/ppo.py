@@ -134,7 +134,9 @@ class PPOModule(AlignmentModule):
         sampling: how responses are sampled (:class:`~lit_align.generation.SamplingSettings`, or a dict of its
             fields; default 32 new tokens, temperature 1).
         samples_per_prompt: completions per prompt (k); the group baselines need k ≥ 2.
-        advantage_estimator: ``gae`` (PPO with a critic), ``rloo`` (leave-one-out), ``grpo`` (group-normalised).
+        advantage_estimator: ``gae`` (PPO with a critic), ``rloo`` (leave-one-out), ``grpo`` (group-normalised
+            baseline inside PPO: the KL stays in the reward and is normalised with it; GRPO as published, with the
+            k3 KL as a term of the loss, is :class:`~lit_align.grpo.GRPOModule`).
         gamma, lam: GAE's discount and λ.
         cliprange, cliprange_value, vf_coef: PPO's clipping of the ratio and of the value, the value-loss weight.
         ppo_epochs, num_mini_batches, gradient_accumulation_steps: passes over each rollout, minibatches per pass

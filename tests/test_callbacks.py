@@ -211,7 +211,8 @@ def test_online_merging_replaces_each_update_by_the_merge(hh_dir, tmp_path, meth
             if method == "ondare":
                 keep_tau = torch.rand(tau.shape, generator=generator) < keep
                 keep_delta = torch.rand(tau.shape, generator=generator) < keep
-                expected = before + (1 - alpha) * delta * keep_delta + alpha * tau * keep_tau
+                # kept entries rescaled by 1/p (the default, as the released code's F.dropout)
+                expected = before + ((1 - alpha) * delta * keep_delta + alpha * tau * keep_tau) / keep
             else:
                 k = round(keep * tau.numel())
                 trimmed_tau = tau * (rank_by_magnitude(tau) < k)

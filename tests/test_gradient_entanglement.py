@@ -4,6 +4,7 @@ pairwise-normalised DPO step, checked against gradients taken independently with
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 
 import pytest
@@ -21,7 +22,7 @@ from datamodules.base import (
     REJECTED_INPUT_IDS,
 )
 from lit_align import DPOModule, KTOModule
-from lit_align.gradients import kto_margin_coefficients, margin_coefficients
+from lit_align.gradients import entanglement_condition, kto_margin_coefficients, margin_coefficients, margin_loss_slope
 from lit_align.losses import kto_loss, preference_loss
 
 
@@ -63,6 +64,63 @@ def test_kto_margin_coefficients_are_the_gradients_of_the_two_rows():
     c_w, c_l = kto_margin_coefficients(ratios[0], ratios[1], z, beta, 1.5, 0.7)
     torch.testing.assert_close(c_w, -grad[0])
     torch.testing.assert_close(c_l, grad[1])
+
+
+def test_margin_loss_slope_is_minus_the_loss_derivative_by_hand():
+    """−ℓ'(m) per pair, against hand derivatives: IPO ℓ = (m − 1/(2β))² on each side of 1/(2β); cDPO
+    ℓ = −(1−ε)·logσ(m) − ε·logσ(−m), ℓ' = σ(m) − (1−ε), on each side of σ(m) = 1−ε; the hinge, flat past m = 1."""
+    beta = 0.5  # IPO target 1/(2β) = 1
+    lengths_w, lengths_l = torch.tensor([2.0, 2.0]), torch.tensor([4.0, 4.0])
+    zeros = torch.zeros(2, dtype=torch.float64)
+    # m = Δ_w/|y_w| − Δ_l/|y_l| with Δ_l = 0: m = 0.4 (below the target) and m = 1.6 (past it)
+    chosen = torch.tensor([0.8, 3.2], dtype=torch.float64)
+    common = dict(policy_rejected_logps=zeros, ref_chosen_logps=zeros, ref_rejected_logps=zeros,
+                  chosen_lengths=lengths_w, rejected_lengths=lengths_l, beta=beta)  # fmt: skip
+    ipo = margin_loss_slope("ipo", policy_chosen_logps=chosen, **common)
+    torch.testing.assert_close(ipo, torch.tensor([-2 * (0.4 - 1.0), -2 * (1.6 - 1.0)], dtype=torch.float64))
+    # cDPO, ε = 0.2: m = β·Δ = 0 → σ = 0.5 < 0.8 (widens); m = 3 → σ(3) = 0.9526 > 0.8 (narrows)
+    chosen = torch.tensor([0.0, 6.0], dtype=torch.float64)
+    cdpo = margin_loss_slope("sigmoid", policy_chosen_logps=chosen, label_smoothing=0.2, **common)
+    sigma_3 = 1 / (1 + math.exp(-3.0))
+    torch.testing.assert_close(cdpo, torch.tensor([0.8 - 0.5, 0.8 - sigma_3], dtype=torch.float64))
+    assert cdpo[0] > 0 > cdpo[1]
+    # hinge relu(1 − m): slope 1 at m = β·Δ = 0.5, 0 at m = 2
+    chosen = torch.tensor([1.0, 4.0], dtype=torch.float64)
+    hinge = margin_loss_slope("hinge", policy_chosen_logps=chosen, **common)
+    torch.testing.assert_close(hinge, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_entanglement_condition_follows_the_sign_of_the_loss_derivative():
+    """One geometry, three slopes: with −ℓ' > 0 the pair moves as intended, with −ℓ' < 0 (IPO past 1/(2β)) both moves
+    flip, with ℓ' = 0 nothing moves; the summary's ``condition_failed`` counts moves against the loss's intent only."""
+    from callbacks.gradient_entanglement import entanglement_summary
+
+    # ⟨g_w,g_l⟩ = 0.5, ‖g_w‖² = 2, ‖g_l‖² = 1, c = 1: Δlog π_w ∝ s·(2 − 0.5), Δlog π_l ∝ s·(0.5 − 1)
+    geometry = {
+        "inner": torch.full((3,), 0.5, dtype=torch.float64),
+        "chosen_norm_sq": torch.full((3,), 2.0, dtype=torch.float64),
+        "rejected_norm_sq": torch.full((3,), 1.0, dtype=torch.float64),
+        "chosen_logps": torch.zeros(3, dtype=torch.float64),
+        "rejected_logps": torch.zeros(3, dtype=torch.float64),
+    }
+    ones = torch.ones(3)
+    slopes = torch.tensor([1.2, -1.2, 0.0])  # IPO at m = 0.4 and m = 1.6 with target 1 (above), a flat hinge
+    falls, rises = entanglement_condition(
+        geometry["inner"], geometry["chosen_norm_sq"], geometry["rejected_norm_sq"], ones, ones, slopes
+    )
+    assert falls.tolist() == [False, True, False] and rises.tolist() == [False, True, False]
+    summary = entanglement_summary(geometry, ones, ones, slopes)
+    assert summary["chosen_falls"] == pytest.approx(1 / 3) and summary["rejected_rises"] == pytest.approx(1 / 3)
+    assert summary["margin_narrowing"] == pytest.approx(1 / 3)
+    assert summary["condition_failed"] == 0.0  # every move is the one its loss asks for
+    # an entangled geometry, ‖g_l‖² = 1 < ⟨g_w,g_l⟩ = 1.8 < ‖g_w‖² = 4: both log-probs move with the chosen one, so
+    # the rejected moves against the loss's intent whichever way it pushes the margin
+    entangled = {**geometry, "inner": torch.full((3,), 1.8, dtype=torch.float64)}
+    entangled["chosen_norm_sq"] = torch.full((3,), 4.0, dtype=torch.float64)
+    summary = entanglement_summary(entangled, ones, ones, slopes)
+    assert summary["condition_failed"] == pytest.approx(2 / 3)  # not the flat pair
+    assert summary["chosen_falls"] == pytest.approx(1 / 3)  # s < 0: −1.2·(4 − 1.8) < 0, as the loss asks
+    assert summary["rejected_rises"] == pytest.approx(1 / 3)  # s > 0: 1.2·(1.8 − 1) > 0, against the loss
 
 
 # ---- the monitor ---------------------------------------------------------------------------------------------
@@ -178,10 +236,91 @@ def test_monitor_with_kto_reads_pairs_from_an_unpaired_datamodule(hh_dir):
     texts = {(r["prompt"], r["completion"], r["label"]) for r in records}
     for prompt, chosen, rejected in zip(probe["prompt"], probe["chosen"], probe["rejected"], strict=True):
         assert (prompt, chosen, True) in texts and (prompt, rejected, False) in texts
-    # KTO's coefficients at the stored z_ref (checked against kto_loss's gradients above) drive the condition
-    c_w, c_l = module.pair_margin_coefficients(probe)
-    assert monitor.history[-1]["coefficient_ratio"] == pytest.approx(float((c_w / c_l).mean()), rel=1e-5)
-    # the stored z_ref itself is pinned in test_losses.py (test_kto_last_reference_point_is_the_clamped_mean...)
+    # KTO's coefficients by hand at the stored z_ref, from log-probs and gradients taken independently:
+    # c_w = λ_D·β·σ(x_w)·σ(−x_w), x_w = β·(r_w − z); c_l = λ_U·β·σ(x_l)·σ(−x_l), x_l = β·(z − r_l), r = log π/π_ref
+    # (the stored z_ref itself is pinned in test_losses.py, test_kto_last_reference_point_is_the_clamped_mean...)
+    beta, z = module.hparams.beta, float(module.last_reference_point)
+    expected = {"ratio": [], "falls": [], "rises": []}
+    for row in range(3):
+        logp_w, g_w = sequence_gradients(module, probe, row, CHOSEN)
+        logp_l, g_l = sequence_gradients(module, probe, row, REJECTED)
+        x_w = beta * (float(logp_w) - float(sequence_logp(module.reference, probe, row, CHOSEN)) - z)
+        x_l = beta * (z - float(logp_l) + float(sequence_logp(module.reference, probe, row, REJECTED)))
+        c_w = beta * math.exp(-x_w) / (1 + math.exp(-x_w)) ** 2  # β·σ(x)·σ(−x), λ = 1
+        c_l = beta * math.exp(-x_l) / (1 + math.exp(-x_l)) ** 2
+        inner, n_w, n_l = float(g_w @ g_l), float(g_w @ g_w), float(g_l @ g_l)
+        expected["ratio"].append(c_w / c_l)
+        expected["falls"].append(c_l * inner > c_w * n_w)  # KTO always pushes y_w up and y_l down: slope 1
+        expected["rises"].append(c_w * inner > c_l * n_l)
+    mean = {key: sum(values) / 3 for key, values in expected.items()}
+    last = monitor.history[-1]
+    assert last["coefficient_ratio"] == pytest.approx(mean["ratio"], rel=1e-4)
+    assert abs(mean["ratio"] - 1) > 1e-3  # not the trivial ratio
+    assert last["chosen_falls"] == mean["falls"] and last["rejected_rises"] == mean["rises"]
+    assert last["margin_narrowing"] == 0.0
+
+
+def sequence_logp(model: torch.nn.Module, batch, row: int, keys) -> torch.Tensor:
+    """log model(y|x) of one padded sequence, without gradient (the summed completion-token log-probs, float64)."""
+    ids, attention, completion = (batch[key][row : row + 1] for key in keys)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].double()
+    token_logps = torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None])[..., 0]
+    return (token_logps * completion[:, 1:]).sum()
+
+
+@pytest.mark.parametrize(
+    "loss_type, beta, smoothing", [("ipo", 25.0, 0.0), ("sigmoid", 10.0, 0.1)], ids=["ipo", "cdpo"]
+)
+def test_monitor_directions_follow_the_sign_of_the_loss_derivative(hh_dir, tmp_path, loss_type, beta, smoothing):
+    """Issue 13: the monitor assumed −ℓ' > 0, so for IPO past 1/(2β) and cDPO once σ(m) > 1−ε it reported the chosen
+    falling when it rises and the reverse. With a reference unlike the policy and each probe pair also swapped
+    (margins m and −m), half the pairs sit on each side; the monitor's directions must equal the hand-computed
+    −ℓ'(m)·(c_w‖g_w‖² − c_l⟨g_w,g_l⟩) etc., with gradients and log-probs taken independently."""
+    from lit_align.models import tiny_llama
+
+    reference_dir = tmp_path / "reference"
+    tiny_llama(seed=1).save_pretrained(reference_dir)
+    torch.manual_seed(0)
+    module = DPOModule(model="tiny-llama", reference_model=str(reference_dir), loss_type=loss_type, beta=beta,
+                       label_smoothing=smoothing, learning_rate=1e-3, lr_scheduler="constant")  # fmt: skip
+    monitor = GradientEntanglementMonitor(every_n_steps=1, num_pairs=2, plot=False)
+    data = pairs(hh_dir)
+    trainer = fit(module, data, [monitor], max_steps=1)
+    probe = data.probe_batch("val", "pair", 2)
+    both = {}  # the two pairs, then the same two with chosen and rejected swapped
+    for chosen_key, rejected_key in zip(CHOSEN, REJECTED, strict=True):
+        both[chosen_key] = torch.cat([probe[chosen_key], probe[rejected_key]])
+        both[rejected_key] = torch.cat([probe[rejected_key], probe[chosen_key]])
+    monitor.probe = both
+    entry = monitor.measure(trainer, module)
+
+    expected = {"falls": [], "rises": [], "narrowing": [], "falls_if_widening": [], "rises_if_widening": []}
+    for row in range(4):
+        logp_w, g_w = sequence_gradients(module, both, row, CHOSEN)
+        logp_l, g_l = sequence_gradients(module, both, row, REJECTED)
+        ratio_w = float(logp_w) - float(sequence_logp(module.reference, both, row, CHOSEN))
+        ratio_l = float(logp_l) - float(sequence_logp(module.reference, both, row, REJECTED))
+        inner, n_w, n_l = float(g_w @ g_l), float(g_w @ g_w), float(g_l @ g_l)
+        if loss_type == "ipo":  # m = Δ_w/|y_w| − Δ_l/|y_l|, ℓ'(m) = 2(m − 1/(2β)), c = 1/|y|
+            length_w, length_l = (float(both[key][row].sum()) for key in (CHOSEN[2], REJECTED[2]))
+            margin = ratio_w / length_w - ratio_l / length_l
+            derivative, c_w, c_l = 2 * (margin - 1 / (2 * beta)), 1 / length_w, 1 / length_l
+        else:  # cDPO: m = β(Δ_w − Δ_l), ℓ'(m) = σ(m) − (1 − ε), c = β
+            margin = beta * (ratio_w - ratio_l)
+            derivative, c_w, c_l = 1 / (1 + math.exp(-margin)) - (1 - smoothing), beta, beta
+        chosen_change, rejected_change = c_w * n_w - c_l * inner, c_w * inner - c_l * n_l  # × −ℓ'
+        expected["falls"].append(-derivative * chosen_change < 0)
+        expected["rises"].append(-derivative * rejected_change > 0)
+        expected["narrowing"].append(derivative > 0)
+        expected["falls_if_widening"].append(chosen_change < 0)
+        expected["rises_if_widening"].append(rejected_change > 0)
+    mean = {key: sum(values) / 4 for key, values in expected.items()}
+    assert mean["narrowing"] == 0.5  # both regimes are present: each pair or its swap narrows
+    assert entry["margin_narrowing"] == 0.5
+    assert entry["chosen_falls"] == mean["falls"] and entry["rejected_rises"] == mean["rises"]
+    # what the monitor reported before (−ℓ' assumed > 0) differs here, so the test tells the two apart
+    assert (mean["falls"], mean["rises"]) != (mean["falls_if_widening"], mean["rises_if_widening"])
 
 
 def test_monitor_refuses_modules_without_margin_coefficients(hh_dir):
