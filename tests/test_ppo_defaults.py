@@ -100,8 +100,8 @@ class UnequalLengths(PPOModule):
     advantages is not their sequence mean (as with real EOS), and the first prompt's samples all score 0.5 while
     the second prompt's score 0, 1, 2, 3."""
 
-    def generate(self, prompt_ids, prompt_mask):
-        sequences, attention_mask, response_mask = super().generate(prompt_ids, prompt_mask)
+    def generate_responses(self, model, prompt_ids, prompt_mask, sampling):
+        sequences, attention_mask, response_mask = super().generate_responses(model, prompt_ids, prompt_mask, sampling)
         width, length = prompt_ids.shape[1], response_mask.shape[1]
         lengths = torch.arange(sequences.shape[0]) % length + 1
         keep = (torch.arange(length)[None] < lengths[:, None]).to(response_mask.dtype) * response_mask
