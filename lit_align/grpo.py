@@ -18,7 +18,7 @@ How this differs from ``PPOModule(advantage_estimator="grpo")``: PPO folds a k1 
 group normalisation (the KL then shapes the advantage) and optimises PPO's token-mean surrogate; here the reward is
 the score alone and β·k3 is its own term of the loss, with the paper's per-sequence aggregation by default.
 
-Defaults follow the paper's reported runs (§5.1: β = 0.04, G = 64, one update per rollout so μ = 1; the
+Defaults follow the paper's reported runs (§4.2: β = 0.04, G = 64, one update per rollout so μ = 1; the
 per-sequence ``loss_type="grpo"`` of Eq. 3); TRL's current defaults differ (β = 0, G = 8, ``loss_type="dapo"``) and
 are one argument away. ε = 0.2 is TRL's (the paper gives none).
 
@@ -89,8 +89,8 @@ def aggregate_loss(
     defines its ``loss_type`` values (``trl/trainer/grpo_trainer.py``, ``_compute_loss``; ``GRPOConfig.loss_type``):
 
     * ``grpo`` — ``(1/B) Σ_i (1/|o_i|) Σ_t ℓ_it``: every sequence weighs the same (the paper's Eq. 3);
-    * ``bnpo``, ``dapo`` — ``Σ_i Σ_t ℓ_it / Σ_i |o_i|``: every token weighs the same (DAPO, Yu et al. 2025, Eq. 12);
-      on one batch they coincide — they differ in which batch (see ``GRPOModule.micro_batch_share``);
+    * ``bnpo``, ``dapo`` — ``Σ_i Σ_t ℓ_it / Σ_i |o_i|``: every token weighs the same (DAPO's token-level loss, Yu
+      et al. 2025); on one batch they coincide — they differ in which batch (see ``GRPOModule.micro_batch_share``);
     * ``dr_grpo`` — ``Σ_i Σ_t ℓ_it / (B · L_max)`` with ``L_max = max_completion_length``, a constant (Dr. GRPO, Liu et
       al. 2025, removes the length bias of 1/|o_i|).
 
