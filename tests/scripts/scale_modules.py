@@ -37,7 +37,7 @@ PAIRS = 4  # rows of the data file; one epoch = one global batch
 class RowSeededSampling:
     """Mixin: sample every row with a seed of its own, so the samples do not depend on how rows meet ranks."""
 
-    def generate_responses(self, model: nn.Module, prompt_ids, prompt_mask, **sampling):
+    def generate_responses(self, model: nn.Module, prompt_ids, prompt_mask, sampling):
         rows = self._batch_index.tolist()
         per_row = prompt_ids.shape[0] // len(rows)
         responses = []
@@ -45,7 +45,7 @@ class RowSeededSampling:
             keep = prompt_mask[i].bool()
             torch.manual_seed(10_000 * self.global_step + 100 * rows[i // per_row] + i % per_row)
             sequence, _, response_mask = super().generate_responses(
-                model, prompt_ids[i : i + 1, keep], prompt_mask[i : i + 1, keep], **sampling
+                model, prompt_ids[i : i + 1, keep], prompt_mask[i : i + 1, keep], sampling
             )
             responses.append(sequence[0, int(keep.sum()) :][: int(response_mask.sum())])
         width = max(len(r) for r in responses)
