@@ -57,6 +57,10 @@ class SamplingSettings:
         return asdict(self)
 
 
+# Lightning checkpoints keep hyperparameters, and torch.load(weights_only=True) (the default) refuses unknown classes
+torch.serialization.add_safe_globals([SamplingSettings])
+
+
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,

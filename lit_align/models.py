@@ -158,6 +158,9 @@ class LoraSettings:
     target_modules: list[str] | str = field(default="all-linear")
 
 
+torch.serialization.add_safe_globals([LoraSettings])  # a hyperparameter in checkpoints (torch.load weights_only)
+
+
 def apply_lora(model: PreTrainedModel, settings: LoraSettings | dict, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable. ``settings`` may be a dict of
     :class:`LoraSettings` fields (``{"r": 8, "target_modules": ["q_proj", "v_proj"]}``)."""

@@ -54,6 +54,14 @@ def hh_pairs(hh_dir, **overrides) -> HHDataModule:
     return HHDataModule(**settings)
 
 
+def hh_prompts(hh_dir, **overrides) -> HHDataModule:
+    """32 shuffled HH prompts of at most 16 tokens, for the sampling modules (PPO, GRPO), validated in one batch of
+    32; no validation set. Keyword arguments override any ``HHDataModule`` setting (``batch_size``...)."""
+    settings = dict(holdout=0, limit_train=32, eval_batch_size=32, max_length=48, max_prompt_length=16, shuffle=True)
+    settings.update(overrides)
+    return hh_pairs(hh_dir, **settings)
+
+
 def fit(module, data, callbacks: Iterable[L.Callback] = (), max_steps: int = -1, ckpt_path=None, **overrides):
     """``quiet_trainer(max_steps, callbacks, **overrides).fit(module, datamodule=data)``; returns the Trainer."""
     trainer = quiet_trainer(max_steps, callbacks, **overrides)

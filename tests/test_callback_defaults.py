@@ -234,8 +234,7 @@ def test_elastic_reset_resumed_mid_cycle_keeps_counting_rollouts(hh_dir, tmp_pat
     before, reset, after = AtBatchEnd(), ElasticReset(reset_every=2, decay=decay), AtBatchEnd()
     checkpoint = str(tmp_path / "epoch=0-step=4.ckpt")
     trainer = quiet_trainer(16, [before, reset, after])
-    # weights_only=False: PPO's saved hyperparameters hold a SamplingSettings, which torch.load refuses by default
-    trainer.fit(ppo(), datamodule=hh_pairs(hh_dir), ckpt_path=checkpoint, weights_only=False)
+    trainer.fit(ppo(), datamodule=hh_pairs(hh_dir), ckpt_path=checkpoint)  # weights_only: the default, safe load
     assert (reset.steps, reset.batches, reset.ema_updates, reset.resets, reset.pending) == (16, 4, 4, 2, 0)
     theta0 = before.initial
     for index, batch in enumerate(range(2, 5)):  # rollouts 2, 3, 4 after the resume

@@ -4,41 +4,23 @@ masks, callbacks seeing every optimizer step, and validation drift metrics."""
 from __future__ import annotations
 
 import csv
-from functools import partial
 
 import lightning as L
 import pytest
 import torch
-from helpers import fit, hh_pairs, validate
+from helpers import fit, hh_prompts, validate
 
 from datamodules import HHDataModule
 from lit_align.generation import responses_until_eos
-from lit_align.models import load_tokenizer, tiny_llama
 from lit_align.ppo import PPOModule
 from lit_align.rewards import CallableReward
 
 SLOW = pytest.mark.slow
-TARGET = " bets"  # a token the peaked tiny model below samples ~2% of the time at the start
+TARGET = " bets"  # a token the peaked_tiny model (conftest.py) samples ~2% of the time at the start
 
 
 def target_count(prompts, completions):
     return [completion.count(TARGET) for completion in completions]
-
-
-@pytest.fixture(scope="module")
-def peaked_tiny(tmp_path_factory):
-    """A 2-layer Llama with wide initial weights: ~4 nats of entropy per token instead of ~10.8, so a
-    policy-gradient signal on one token is visible within a few dozen updates."""
-    directory = tmp_path_factory.mktemp("peaked_tiny")
-    tiny_llama(seed=0, initializer_range=0.5).save_pretrained(directory)
-    load_tokenizer("tiny-llama").save_pretrained(directory)
-    return str(directory)
-
-
-# 32 shuffled training prompts, validated in one batch of 32; no validation set
-prompts = partial(
-    hh_pairs, holdout=0, limit_train=32, eval_batch_size=32, max_length=48, max_prompt_length=16, shuffle=True
-)
 
 
 def evaluate_on_training_prompts(module: PPOModule, data: HHDataModule) -> tuple[float, float]:
@@ -79,7 +61,7 @@ def policy_gradient(
 def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, estimator, samples, batch_size, epochs):
     L.seed_everything(0)
     module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=0.0)
-    data = prompts(hh_dir, batch_size=batch_size)
+    data = hh_prompts(hh_dir, batch_size=batch_size)
     data.attach(module.tokenizer, "prompt")
     module.configure_model()
     before, kl_before = evaluate_on_training_prompts(module, data)
@@ -100,7 +82,7 @@ def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(peaked_tiny,
     for kl_coef in (0.0, 2.0):
         L.seed_everything(0)
         module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=kl_coef, learning_rate=2e-4, **critic)
-        data = prompts(hh_dir, batch_size=4)
+        data = hh_prompts(hh_dir, batch_size=4)
         fit(module, data, max_epochs=2)
         kls[kl_coef] = evaluate_on_training_prompts(module, data)[1]
     assert kls[0.0] > 0.3, kls  # unconstrained, the policy drifts
@@ -121,7 +103,7 @@ def test_every_ppo_update_goes_through_lightnings_optimizer(peaked_tiny, hh_dir)
         ppo_epochs=3,
         num_mini_batches=2,
     )
-    fit(module, prompts(hh_dir, batch_size=4), [CountSteps()], max_epochs=1, limit_train_batches=2)
+    fit(module, hh_prompts(hh_dir, batch_size=4), [CountSteps()], max_epochs=1, limit_train_batches=2)
     assert CountSteps.calls == 2 * 3 * 2  # rollouts × ppo_epochs × minibatches
     assert module.global_step == 12
 
@@ -134,7 +116,7 @@ def test_the_sanity_check_validation_is_logged_as_the_starting_point(peaked_tiny
         ppo_epochs=1,
         learning_rate=1e-3,
     )
-    data = prompts(hh_dir, batch_size=4)
+    data = hh_prompts(hh_dir, batch_size=4)
     data.val_split = "test"
     logger = L.pytorch.loggers.CSVLogger(tmp_path, name="run")
     evaluate = dict(num_sanity_val_steps=1, limit_val_batches=1, val_check_interval=4)
