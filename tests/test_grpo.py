@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import math
 import sys
-from functools import partial
 
 import lightning as L
 import pytest
 import torch
-from helpers import fit, hh_pairs, validate
+from helpers import fit, hh_pairs, hh_prompts, validate
 from torch import Tensor
 
 from callbacks.base import AlignmentCallback
 from lit_align.generation import Completions
 from lit_align.grpo import LOSS_TYPES, GRPOModule, GRPORollout, aggregate_loss, clip_fractions, grpo_token_loss
 from lit_align.logprobs import response_logprobs
-from lit_align.models import load_tokenizer, tiny_llama
 from lit_align.ppo import group_normalized_advantages
 from lit_align.rewards import CallableReward
 
@@ -339,20 +337,6 @@ def test_micro_batches_add_up_to_the_loss_of_the_whole_minibatch(loss_type):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def peaked_tiny(tmp_path_factory):
-    """A 2-layer Llama with wide initial weights (~4 nats of entropy per token), as in test_ppo.py."""
-    directory = tmp_path_factory.mktemp("peaked_tiny")
-    tiny_llama(seed=0, initializer_range=0.5).save_pretrained(directory)
-    load_tokenizer("tiny-llama").save_pretrained(directory)
-    return str(directory)
-
-
-prompts = partial(
-    hh_pairs, holdout=0, limit_train=32, eval_batch_size=32, max_length=48, max_prompt_length=16, shuffle=True
-)
-
-
 def mean_reward_and_kl(module: GRPOModule, data) -> tuple[float, float]:
     """Mean reward and KL to the reference (nats per completion) over 2 × 32 fresh samples of the training prompts."""
     torch.manual_seed(1234)
@@ -375,7 +359,7 @@ def test_grpo_raises_the_target_token_reward(peaked_tiny, hh_dir):
         lr_scheduler="constant",
         drift_texts=0,
     )
-    data = prompts(hh_dir, batch_size=4)
+    data = hh_prompts(hh_dir, batch_size=4)
     data.attach(module.tokenizer, "prompt")
     module.configure_model()
     before, kl_before = mean_reward_and_kl(module, data)
