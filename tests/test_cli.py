@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -82,9 +85,18 @@ def assert_trainer_settings(trainer: dict, config: str) -> None:
 
 
 def print_config(*args: str, cwd: Path) -> dict:
-    result = lit_align("fit", *args, "--print_config", cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return yaml.safe_load(result.stdout)
+    """``lit-align fit ARGS --print_config`` in this process, from ``cwd`` (each test runs in its tmp_path): parsing
+    only. The console script itself runs end to end in the fit tests; a subprocess per config cost ~10 s each."""
+    from lit_align import cli
+
+    with (
+        mock.patch.object(sys, "argv", ["lit-align"]),  # pytest's own arguments are not the CLI's
+        contextlib.redirect_stdout(io.StringIO()) as out,
+        pytest.raises(SystemExit) as exit_,
+    ):
+        cli.main(["fit", *args, "--print_config"])
+    assert exit_.value.code in (0, None), out.getvalue()[-3000:]
+    return yaml.safe_load(out.getvalue())
 
 
 def lit_align(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -208,16 +220,13 @@ def test_config_and_command_line_trainer_settings_win_over_the_defaults(tmp_path
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=[c.stem for c in STRATEGIES])
 def test_strategy_configs_stack_onto_a_benchmark_config(tmp_path, strategy):
     benchmark = REPO / "configs/hh/dpo.yaml"
-    result = lit_align("fit", "--config", str(benchmark), "--config", str(strategy), "--print_config", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    parsed = yaml.safe_load(result.stdout)
+    parsed = print_config("--config", str(benchmark), "--config", str(strategy), cwd=tmp_path)
     expected = yaml.safe_load(strategy.read_text())["trainer"]
     assert parsed["trainer"]["strategy"]["class_path"] == expected["strategy"]["class_path"]
     assert parsed["trainer"]["precision"] == "bf16-mixed"
     assert (parsed["trainer"]["accelerator"], parsed["trainer"]["devices"]) == ("gpu", "auto")
     assert parsed["trainer"]["max_epochs"] == 1 and parsed["trainer"]["logger"]["init_args"]["name"] == "hh_dpo"
-    assert parsed["model"] == yaml.safe_load(lit_align("fit", "--config", str(benchmark), "--print_config",
-                                                       cwd=tmp_path).stdout)["model"]  # fmt: skip
+    assert parsed["model"] == print_config("--config", str(benchmark), cwd=tmp_path)["model"]
 
 
 def test_fsdp1_config_wraps_exactly_the_decoder_layers(tmp_path, monkeypatch):
