@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import fit, hh_pairs
 
 from callbacks import GradientEntanglementMonitor
-from datamodules.base import (
+from datamodules.keys import (
     CHOSEN_ATTENTION_MASK,
     CHOSEN_COMPLETION_MASK,
     CHOSEN_INPUT_IDS,
@@ -382,7 +382,7 @@ def apply_module_step(module: DPOModule, batch: dict, target_change: float) -> t
 
 
 def test_dpo_lowers_both_log_probs_of_an_entangled_pair_and_the_normalized_step_raises_the_chosen():
-    from datamodules.base import Collator
+    from datamodules.collation import Collator
 
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(100, 40000, (5,), generator=generator).tolist()

@@ -9,7 +9,9 @@ import pytest
 import torch
 from helpers import fit, hh_pairs
 
+from lit_align.logprobs import response_logprobs
 from lit_align.losses import masked_mean
+from lit_align.models import load_tokenizer, tiny_llama
 from lit_align.ppo import PPOModule, group_normalized_advantages, rloo_advantages
 from lit_align.rewards import CallableReward
 
@@ -163,3 +165,65 @@ def test_gae_whitens_advantages_by_default(hh_dir):
     assert float(masked_mean(rollout.advantages**2, mask)) == pytest.approx(19 / 20, rel=1e-4)  # unbiased var 1
     raw, _ = first_rollout(hh_dir, "gae", 1, batch_size=8, whiten_advantages=False)
     assert abs(float(masked_mean(raw.advantages, mask))) > 0.1  # the scores 0.5 ... 7 are not centred
+
+
+# ---- 3. β controls the drift on the default PPO path -------------------------------------------------------------
+
+TARGET = " bets"  # the peaked tiny model samples it ~2.5% of the time at the start
+
+
+def target_count(prompts, completions):
+    return [completion.count(TARGET) for completion in completions]
+
+
+@pytest.fixture(scope="module")
+def peaked_tiny(tmp_path_factory):
+    """A 2-layer Llama with wide initial weights (~4 nats of entropy per token), as in test_ppo.py."""
+    directory = tmp_path_factory.mktemp("peaked_tiny")
+    tiny_llama(seed=0, initializer_range=0.5).save_pretrained(directory)
+    load_tokenizer("tiny-llama").save_pretrained(directory)
+    return str(directory)
+
+
+@torch.no_grad()
+def exact_kl_to_reference(module: PPOModule, data) -> float:
+    """Mean over 64 fresh samples of Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), summed over the whole vocabulary at
+    each sampled prefix: the expectation of the k1 estimate (``drift/kl_to_init``) given the prefixes, with far
+    less variance (a k1 mean over 64 samples has a standard error of 0.1-0.3 nats here)."""
+    torch.manual_seed(1234)
+    batch = next(iter(data.dataloader("train", batch_size=64)))
+    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    width = prompt_ids.shape[1]
+    sequences, attention_mask, response_mask = module.generate(prompt_ids, prompt_mask)
+    policy = response_logprobs(module.policy, sequences, attention_mask, width)[1].log_softmax(-1)
+    reference = response_logprobs(module.reference, sequences, attention_mask, width)[1].log_softmax(-1)
+    per_token = (policy.exp() * (policy - reference)).sum(-1)
+    return float((per_token * response_mask).sum(-1).mean())
+
+
+def test_drift_falls_as_the_kl_coefficient_rises_with_the_default_ppo_settings(peaked_tiny, hh_dir):
+    # Everything PPO-specific is at its default: GAE, the value head on the policy trunk, whitened advantages,
+    # vf_coef, clipping, the k1 KL folded into the per-token reward. Measured (exact KL, seeds 0/1/2):
+    # β=0: 1.37/2.30/2.16, β=0.1: 1.04/1.38/1.36, β=1: 0.55/0.49/0.57 nats.
+    drift = {}
+    for kl_coef in (0.0, 0.1, 1.0):
+        L.seed_everything(0)
+        module = PPOModule(
+            model=peaked_tiny,
+            reward=CallableReward(target_count),
+            sampling={"max_new_tokens": 8},
+            kl_coef=kl_coef,
+            ppo_epochs=2,
+            learning_rate=3e-4,
+            lr_scheduler="constant",
+            drift_texts=0,
+        )
+        # 16 prompts per rollout: with 4, the policy-gradient noise alone moved the policy ~0.5 nats whatever β was
+        data = hh_pairs(
+            hh_dir, holdout=0, limit_train=64, batch_size=16, max_length=48, max_prompt_length=8, shuffle=True
+        )
+        fit(module, data, max_epochs=3)  # 12 rollouts, 24 optimizer steps
+        drift[kl_coef] = exact_kl_to_reference(module.eval(), data)
+    assert drift[0.0] > 1.0, drift  # unconstrained, the policy moves towards the target token
+    assert drift[0.1] < 0.9 * drift[0.0], drift
+    assert drift[1.0] < 0.7 * drift[0.1], drift
