@@ -2,9 +2,8 @@
 optimizer and schedule, metrics logging, the callback hooks, export.
 
 One algorithm per subclass file (``dpo.py``, ``kto.py``, ...). Log-probs live in ``logprobs.py``, sampling in
-``generation.py``, FSDP2 sharding mechanics in ``strategies.py``. The mechanics of modules that train on their own
-samples (PPO, GRPO) live here once: sampling a group of completions per prompt, the drift measures of fresh samples,
-and minibatch optimizer steps under manual optimization (``rollout_split``, ``minibatch_updates``).
+``generation.py``, FSDP2 sharding mechanics in ``strategies.py``; what the modules that train on their own samples
+(PPO, GRPO) share is the ``RolloutMechanics`` mixin in ``rollout.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -20,21 +18,17 @@ from typing import ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedModel, SchedulerType, get_scheduler
 
-from datamodules.keys import INDEX, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
+from datamodules.keys import INDEX
 from lit_align.generation import (
-    Completions,
     SamplingSettings,
-    decode_responses,
-    ends_with_eos,
-    repeat_rows,
     sample_responses,
 )
-from lit_align.logprobs import SequenceLogps, response_logprobs, sequence_logprobs, token_logprobs
-from lit_align.metrics import StageMetrics, diversity_scores
+from lit_align.logprobs import SequenceLogps, sequence_logprobs
+from lit_align.metrics import StageMetrics
 from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
 from lit_align.strategies import full_state_dict, fully_shard_models, gathered_weights
 
@@ -146,9 +140,6 @@ class AlignmentModule(L.LightningModule):
         attach = getattr(datamodule, "attach", None)
         if callable(attach):
             attach(self.tokenizer, self.data_mode)
-        batch_size = getattr(datamodule, "batch_size", None)
-        if stage == "fit" and self.rollout_split() is not None and isinstance(batch_size, int):
-            self.check_rollout_split(batch_size, "the DataModule's batch_size")  # before any model loads
 
     # ---- models ---------------------------------------------------------------------------------------------
 
@@ -264,69 +255,6 @@ class AlignmentModule(L.LightningModule):
         with gathered_weights(model) if self.hparams.gather_for_generation else nullcontext():
             return sample_responses(model, self.tokenizer, prompt_ids, prompt_mask, sampling, synced_gpus=synced)
 
-    def sample_completions(self, batch: dict, sampling: SamplingSettings, samples_per_prompt: int = 1) -> Completions:
-        """``samples_per_prompt`` completions per prompt of a ``prompt``-mode batch, sampled from the policy and
-        decoded: the rollout of PPO and GRPO and their evaluation. Rows are grouped by prompt and the batch's columns
-        are repeated to match (``Completions.batch``), so a reward reads each completion's own reference."""
-        k = samples_per_prompt
-        prompt_ids = batch[PROMPT_INPUT_IDS].repeat_interleave(k, dim=0)
-        prompt_mask = batch[PROMPT_ATTENTION_MASK].repeat_interleave(k, dim=0)
-        width = prompt_ids.shape[1]
-        sequences, attention_mask, response_mask = self.generate_responses(
-            self.policy, prompt_ids, prompt_mask, sampling
-        )
-        prompts, completions = decode_responses(self.tokenizer, sequences, width, response_mask)
-        has_eos = ends_with_eos(sequences[:, width:], response_mask, self.tokenizer.eos_token_id)
-        repeated = {key: repeat_rows(value, k) for key, value in batch.items()}
-        return Completions(sequences, attention_mask, response_mask, width, prompts, completions, has_eos, repeated)
-
-    # ---- the alignment tax of fresh samples (evaluation of PPO, GRPO) -----------------------------------------
-
-    @torch.no_grad()
-    def sample_drift(self, sample: Completions, temperature: float = 1.0) -> dict[str, Tensor]:
-        """What evaluation logs about fresh samples besides their reward: ``drift/kl_to_init`` (Σ_t log π − log π_ref
-        over the sampled tokens, a k1 estimate of KL(π‖π_ref); only when a reference exists), the completions'
-        mean length and their diversity (``diversity/*``)."""
-        mask = sample.response_mask.float()
-        values = {"completions/mean_length": mask.sum(-1)}
-        if self.reference is not None or self.uses_lora:
-            args = (sample.sequences, sample.attention_mask, sample.prompt_width, temperature)
-            logprobs = response_logprobs(self.policy, *args)[0]
-            with self.reference_forward() as reference:
-                ref_logprobs = response_logprobs(reference, *args)[0]
-            values["drift/kl_to_init"] = ((logprobs - ref_logprobs) * mask).sum(-1)
-        values.update(
-            {f"diversity/{name}": torch.tensor([v]) for name, v in diversity_scores(sample.completions).items()}
-        )
-        return values
-
-    @torch.no_grad()
-    def log_heldout_perplexity(self, stage: str, texts: int) -> None:
-        """``drift/perplexity`` of the policy on ``texts`` held-out human texts of the DataModule (its
-        ``heldout_texts``), split across ranks (the metric's sums sync); nothing when ``texts`` is 0 or the DataModule
-        has none. The module's ``extra_metrics`` must include ``drift/perplexity``."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if texts <= 0 or not hasattr(datamodule, "heldout_texts"):
-            return
-        chosen = datamodule.heldout_texts(texts)
-        chosen = chosen[self.trainer.global_rank :: self.trainer.world_size]  # each rank its share; sums sync
-        if not chosen:
-            rank_zero_warn("drift/perplexity: no held-out texts on this rank")
-            return
-        metric = self.metrics.get(stage, "drift/perplexity")
-        encoded = self.tokenizer(chosen, add_special_tokens=False, truncation=True, max_length=128)["input_ids"]
-        for start in range(0, len(encoded), 8):
-            rows = [torch.tensor(r, dtype=torch.long, device=self.device) for r in encoded[start : start + 8]]
-            ids = torch.nn.utils.rnn.pad_sequence(
-                rows, batch_first=True, padding_value=self.tokenizer.eos_token_id, padding_side="right"
-            )
-            attention = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="right"
-            )
-            logits = self.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            metric.update(token_logprobs(logits[:, :-1], ids[:, 1:]), attention[:, 1:])
-        self.log(self.metrics.log_name(stage, "drift/perplexity"), metric, on_step=False, on_epoch=True)
-
     # ---- steps: each algorithm implements ``shared_step(batch, stage)`` ----------------------------------------
 
     def shared_step(self, batch: dict, stage: str) -> Tensor:
@@ -409,92 +337,6 @@ class AlignmentModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.call_callbacks("on_after_optimizer_step")  # Lightning has no after-step callback hook
-
-    # ---- minibatch steps of modules that train on their own samples (PPO, GRPO) ------------------------------
-
-    def rollout_split(self) -> dict[str, int] | None:
-        """For modules that sample their own training batches under manual optimization: ``{argument name: value}``
-        of the samples per prompt, the minibatches per rollout (one optimizer step each) and the micro-batches per
-        minibatch, in that order (e.g. PPO's ``samples_per_prompt``, ``num_mini_batches``,
-        ``gradient_accumulation_steps``). None (the default) for the others."""
-        return None
-
-    def check_rollout_split(self, prompts: int, source: str) -> None:
-        """Refuse a rollout of ``prompts`` × samples-per-prompt rows that does not split into equal minibatches of
-        equal micro-batches (``rollout_split``): an uneven split would add optimizer steps or weigh rows unequally,
-        so ``max_steps``, the LR schedule and callbacks would not count what the config says (TRL refuses too)."""
-        (k_name, k), (splits_name, splits), (micro_name, micro) = self.rollout_split().items()
-        rows, owner = prompts * k, type(self).__name__
-        if rows % splits:
-            raise ValueError(
-                f"{owner}: a rollout of {rows} rows ({source}: {prompts} prompts × {k_name}={k}) does not split into "
-                f"{splits_name}={splits} equal minibatches; choose a batch size that makes the rollout a multiple of "
-                f"{splits}, or a {splits_name} that divides {rows}"
-            )
-        if (rows // splits) % micro:
-            raise ValueError(
-                f"{owner}: a minibatch of {rows // splits} rows (rollout of {rows} rows from {source}: {prompts} "
-                f"prompts × {k_name}={k}, / {splits_name}={splits}) does not split into {micro_name}={micro} equal "
-                "micro-batches"
-            )
-
-    def on_train_start(self) -> None:
-        """Rollout modules: the training loader itself (any loader, not only our DataModules) must give rollouts that
-        split evenly — its batch size and, when it keeps a partial last batch that training reaches, that batch."""
-        loader = self.trainer.train_dataloader
-        batch_size = getattr(loader, "batch_size", None)
-        if self.rollout_split() is None or not isinstance(batch_size, int):
-            return  # a custom batch sampler: minibatch_updates checks each rollout
-        self.check_rollout_split(batch_size, "the training loader's batch_size")
-        try:
-            samples = len(loader.sampler)
-        except TypeError:
-            return
-        full, last = divmod(samples, batch_size)
-        if last and not loader.drop_last and self.trainer.num_training_batches > full:
-            self.check_rollout_split(
-                last, f"the last batch of each epoch, {samples} prompts per rank in batches of {batch_size}"
-            )
-
-    def minibatch_updates(
-        self,
-        rows: int,
-        epochs: int,
-        micro_step: Callable[[Tensor, Tensor], dict[str, Tensor]],
-        max_grad_norm: float | None,
-    ) -> dict[str, Tensor]:
-        """``epochs`` passes over a rollout of ``rows`` rows, each in a fresh random order cut into equal minibatches
-        (one optimizer step each) of equal micro-batches, as ``rollout_split`` says (checked here too).
-
-        ``micro_step(minibatch, micro)`` — row indices of the minibatch and of one of its micro-batches — computes
-        that micro-batch's share of the minibatch loss, backpropagates it (``manual_backward``) and returns detached
-        statistics; they come back stacked over every micro-batch of the update.
-        """
-        k, minibatches, micro_batches = self.rollout_split().values()
-        self.check_rollout_split(rows // k, "this batch")
-        history: dict[str, list[Tensor]] = defaultdict(list)
-        for _ in range(epochs):
-            order = torch.randperm(rows, device=self.device)
-            for minibatch in order.split(rows // minibatches):
-                for micro in minibatch.split(rows // minibatches // micro_batches):
-                    for name, value in micro_step(minibatch, micro).items():
-                        history[name].append(value)
-                self.manual_optimizer_step(max_grad_norm)
-        return {name: torch.stack(values) for name, values in history.items()}
-
-    def manual_optimizer_step(self, max_grad_norm: float | None = None) -> None:
-        """One optimizer step under manual optimization, as Lightning's automatic loop makes it: clip the gradients
-        (None: no clipping), step through Lightning's optimizer wrapper (``on_before_optimizer_step`` fires and
-        ``global_step`` counts it), then ``on_after_optimizer_step`` for our callbacks, zero the gradients and step
-        the LR schedule."""
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        if max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm)
-        optimizer.step()
-        self.call_callbacks("on_after_optimizer_step")
-        optimizer.zero_grad()
-        if scheduler is not None:
-            scheduler.step()
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         self._batch_index = batch.get(INDEX) if isinstance(batch, dict) else None

@@ -126,7 +126,7 @@ def repeat_rows(value, k: int):
 
 class Completions(NamedTuple):
     """Sampled completions of a batch of prompts, k per prompt, grouped by prompt (``[p0s0, p0s1, …, p1s0, …]``):
-    what :meth:`~lit_align.base.AlignmentModule.sample_completions` returns to PPO's and GRPO's rollout and
+    what :meth:`~lit_align.rollout.RolloutMechanics.sample_completions` returns to PPO's and GRPO's rollout and
     evaluation."""
 
     sequences: Tensor  # [N, P + R] the left-padded prompt followed by the response

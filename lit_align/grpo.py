@@ -4,7 +4,7 @@
 The file reads in the order of one iteration (one ``training_step`` = one rollout batch):
 
 1. **rollout** — ``num_generations`` (G) completions per prompt from the policy
-   (``AlignmentModule.sample_completions``, shared with PPO);
+   (``RolloutMechanics.sample_completions``, shared with PPO);
 2. **score** — every reward function on the decoded texts, weighted and summed (``reward_weights``; a ``None`` score
    is NaN and left out of the sum, as in TRL), minus ``missing_eos_penalty`` for completions without EOS;
 3. **group advantages** — ``Â_i = (r_i − mean(r_group)) / (std(r_group) + 1e-4)`` for every token of completion i
@@ -12,7 +12,7 @@ The file reads in the order of one iteration (one ``training_step`` = one rollou
 4. **loss** — the clipped surrogate with ε_low / ε_high plus ``β · KL`` to the reference *in the loss*, KL by the k3
    estimator (the paper's Eq. 3 and 4), reduced over tokens as ``loss_type`` says;
 5. **step** — ``num_iterations`` (μ) passes × ``num_mini_batches`` optimizer steps over each rollout, each through
-   Lightning's optimizer so every callback sees it (``AlignmentModule.minibatch_updates``, shared with PPO).
+   Lightning's optimizer so every callback sees it (``RolloutMechanics.minibatch_updates``, shared with PPO).
 
 How this differs from ``PPOModule(advantage_estimator="grpo")``: PPO folds a k1 KL into the reward before the
 group normalisation (the KL then shapes the advantage) and optimises PPO's token-mean surrogate; here the reward is
@@ -47,6 +47,7 @@ from lit_align.losses import kl_penalty, masked_mean
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
 from lit_align.ppo import group_normalized_advantages
 from lit_align.rewards import RewardFunction
+from lit_align.rollout import RolloutMechanics
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
@@ -178,7 +179,7 @@ class GRPORollout(NamedTuple):
     ref_logprobs: Tensor | None  # [N, R]; None when β = 0
 
 
-class GRPOModule(AlignmentModule):
+class GRPOModule(RolloutMechanics, AlignmentModule):
     """GRPO with the KL to the reference in the loss (Shao et al. 2024), and the variants TRL offers.
 
     Args:
@@ -510,7 +511,7 @@ class GRPOModule(AlignmentModule):
 
     @torch.no_grad()
     def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
-        """Reward and drift of one fresh completion per prompt (``AlignmentModule.sample_drift``) and, once per
+        """Reward and drift of one fresh completion per prompt (``RolloutMechanics.sample_drift``) and, once per
         epoch, ``drift/perplexity`` of the policy on held-out human text."""
         sample = self.sample_completions(batch, self.sampling)
         per_function = self.score(sample)

@@ -37,6 +37,7 @@ from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
 from lit_align.models import load_causal_lm, unwrap_peft
 from lit_align.rewards import RewardFunction
+from lit_align.rollout import RolloutMechanics
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
@@ -123,12 +124,16 @@ class Rollout(NamedTuple):
     returns: Tensor | None  # [B, R]
 
 
-class PPOModule(AlignmentModule):
+class PPOModule(RolloutMechanics, AlignmentModule):
     """RLHF with PPO (value head on the policy trunk, or a separate value model) or a critic-free group baseline.
 
     Args:
         reward: the reward function (``lit_align.rewards``), frozen.
-        kl_coef: β of the per-token KL penalty to the reference (initial value when ``adaptive_kl``).
+        kl_coef: β of the per-token KL penalty to the reference (initial value when ``adaptive_kl``). It is part of
+            the reward (Ziegler et al. 2019), so with whitened advantages only β relative to the score's scale
+            matters, as for the optimum of ``score − β·KL``: a reward of 1 per target token barely binds at β=0.1.
+            Measured on the tiny model with every other setting at its default (``tests/test_ppo_defaults.py``),
+            drift to the reference falls as β rises.
         kl_estimator: ``k1`` (log-ratio) or ``k3`` (non-negative, lower variance).
         adaptive_kl, target_kl, kl_horizon: Ziegler et al.'s controller; β moves towards ``target_kl`` (per sequence).
         sampling: how responses are sampled (:class:`~lit_align.generation.SamplingSettings`, or a dict of its
@@ -270,7 +275,7 @@ class PPOModule(AlignmentModule):
         return self.hparams.ppo_epochs * self.hparams.num_mini_batches
 
     def rollout_split(self) -> dict[str, int]:
-        """Rollouts must split into equal minibatches of equal micro-batches: ``AlignmentModule.check_rollout_split``
+        """Rollouts must split into equal minibatches of equal micro-batches: ``RolloutMechanics.check_rollout_split``
         refuses anything else at setup, at train start and for each rollout."""
         return {
             "samples_per_prompt": self.hparams.samples_per_prompt,
@@ -373,7 +378,7 @@ class PPOModule(AlignmentModule):
     # ---- 6. update ---------------------------------------------------------------------------------------------
 
     def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
-        """``ppo_epochs`` passes of ``num_mini_batches`` optimizer steps (``AlignmentModule.minibatch_updates``)."""
+        """``ppo_epochs`` passes of ``num_mini_batches`` optimizer steps (``RolloutMechanics.minibatch_updates``)."""
         tokens = rollout.response_mask.to(rollout.logprobs.dtype)
 
         def micro_step(minibatch_rows: Tensor, rows: Tensor) -> dict[str, Tensor]:

@@ -191,14 +191,12 @@ def exact_kl_to_reference(module: PPOModule, data) -> float:
     each sampled prefix: the expectation of the k1 estimate (``drift/kl_to_init``) given the prefixes, with far
     less variance (a k1 mean over 64 samples has a standard error of 0.1-0.3 nats here)."""
     torch.manual_seed(1234)
-    batch = next(iter(data.dataloader("train", batch_size=64)))
-    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    width = prompt_ids.shape[1]
-    sequences, attention_mask, response_mask = module.generate(prompt_ids, prompt_mask)
-    policy = response_logprobs(module.policy, sequences, attention_mask, width)[1].log_softmax(-1)
-    reference = response_logprobs(module.reference, sequences, attention_mask, width)[1].log_softmax(-1)
+    sample = module.sample_completions(next(iter(data.dataloader("train", batch_size=64))), module.sampling)
+    args = (sample.sequences, sample.attention_mask, sample.prompt_width)
+    policy = response_logprobs(module.policy, *args)[1].log_softmax(-1)
+    reference = response_logprobs(module.reference, *args)[1].log_softmax(-1)
     per_token = (policy.exp() * (policy - reference)).sum(-1)
-    return float((per_token * response_mask).sum(-1).mean())
+    return float((per_token * sample.response_mask).sum(-1).mean())
 
 
 def test_drift_falls_as_the_kl_coefficient_rises_with_the_default_ppo_settings(peaked_tiny, hh_dir):
@@ -227,3 +225,4 @@ def test_drift_falls_as_the_kl_coefficient_rises_with_the_default_ppo_settings(p
     assert drift[0.0] > 1.0, drift  # unconstrained, the policy moves towards the target token
     assert drift[0.1] < 0.9 * drift[0.0], drift
     assert drift[1.0] < 0.7 * drift[0.1], drift
+    print(drift)
