@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import HHDataModule
@@ -60,6 +61,24 @@ def hh_prompts(hh_dir, **overrides) -> HHDataModule:
     settings = dict(holdout=0, limit_train=32, eval_batch_size=32, max_length=48, max_prompt_length=16, shuffle=True)
     settings.update(overrides)
     return hh_pairs(hh_dir, **settings)
+
+
+@torch.no_grad()
+def exact_kl_to_reference(module, data: HHDataModule, prompts: int = 64) -> float:
+    """Drift of a sampling module (PPO, GRPO): the mean over fresh samples of one batch of up to ``prompts`` training
+    prompts (seeded) of Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), summed over the whole vocabulary at each sampled
+    prefix. It is the expectation of the k1 estimate (``drift/kl_to_init``) given the prefixes, with far less
+    variance: on the peaked tiny model a k1 mean over 64 samples has a standard error of 0.1-0.3 nats."""
+    from lit_align.logprobs import response_logprobs
+
+    torch.manual_seed(1234)
+    sample = module.sample_completions(next(iter(data.dataloader("train", batch_size=prompts))), module.sampling)
+    args = (sample.sequences, sample.attention_mask, sample.prompt_width, module.sampling.temperature)
+    policy = response_logprobs(module.policy, *args)[1].log_softmax(-1)
+    with module.reference_forward() as reference:
+        reference = response_logprobs(reference, *args)[1].log_softmax(-1)
+    per_token = (policy.exp() * (policy - reference)).sum(-1)
+    return float((per_token * sample.response_mask).sum(-1).mean())
 
 
 def fit(module, data, callbacks: Iterable[L.Callback] = (), max_steps: int = -1, ckpt_path=None, **overrides):

@@ -7,11 +7,9 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import fit, hh_pairs
+from helpers import exact_kl_to_reference, fit, hh_pairs, hh_prompts
 
-from lit_align.logprobs import response_logprobs
 from lit_align.losses import masked_mean
-from lit_align.models import load_tokenizer, tiny_llama
 from lit_align.ppo import PPOModule, group_normalized_advantages, rloo_advantages
 from lit_align.rewards import CallableReward
 
@@ -172,43 +170,24 @@ def test_gae_whitens_advantages_by_default(hh_dir):
 TARGET = " bets"  # the peaked tiny model samples it ~2.5% of the time at the start
 
 
-def target_count(prompts, completions):
-    return [completion.count(TARGET) for completion in completions]
-
-
-@pytest.fixture(scope="module")
-def peaked_tiny(tmp_path_factory):
-    """A 2-layer Llama with wide initial weights (~4 nats of entropy per token), as in test_ppo.py."""
-    directory = tmp_path_factory.mktemp("peaked_tiny")
-    tiny_llama(seed=0, initializer_range=0.5).save_pretrained(directory)
-    load_tokenizer("tiny-llama").save_pretrained(directory)
-    return str(directory)
-
-
-@torch.no_grad()
-def exact_kl_to_reference(module: PPOModule, data) -> float:
-    """Mean over 64 fresh samples of Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), summed over the whole vocabulary at
-    each sampled prefix: the expectation of the k1 estimate (``drift/kl_to_init``) given the prefixes, with far
-    less variance (a k1 mean over 64 samples has a standard error of 0.1-0.3 nats here)."""
-    torch.manual_seed(1234)
-    sample = module.sample_completions(next(iter(data.dataloader("train", batch_size=64))), module.sampling)
-    args = (sample.sequences, sample.attention_mask, sample.prompt_width)
-    policy = response_logprobs(module.policy, *args)[1].log_softmax(-1)
-    reference = response_logprobs(module.reference, *args)[1].log_softmax(-1)
-    per_token = (policy.exp() * (policy - reference)).sum(-1)
-    return float((per_token * sample.response_mask).sum(-1).mean())
+def half_per_target(prompts, completions):
+    """0.5 per target token. With whitened advantages only β relative to the score matters: at 1 per token, β=0.1
+    barely binds (the optimum π_ref·exp(r/β) puts ~all mass on the target) and within this budget drifted as far as
+    β=0 for one seed in five; at 0.5 per token β=0.1 binds."""
+    return [0.5 * completion.count(TARGET) for completion in completions]
 
 
 def test_drift_falls_as_the_kl_coefficient_rises_with_the_default_ppo_settings(peaked_tiny, hh_dir):
     # Everything PPO-specific is at its default: GAE, the value head on the policy trunk, whitened advantages,
-    # vf_coef, clipping, the k1 KL folded into the per-token reward. Measured (exact KL, seeds 0/1/2):
-    # β=0: 1.37/2.30/2.16, β=0.1: 1.04/1.38/1.36, β=1: 0.55/0.49/0.57 nats.
+    # vf_coef, clipping, the k1 KL folded into the per-token reward. Measured here (exact KL, seeds 0/1/2/3/4):
+    # β=0: 1.64/2.76/2.31/1.40/1.63, β=0.1: 1.02/1.27/1.32/1.04/1.07, β=1: 0.65/0.59/0.74/0.51/0.48 nats, i.e.
+    # drift(0.1)/drift(0) ≤ 0.74 and drift(1)/drift(0.1) ≤ 0.64.
     drift = {}
     for kl_coef in (0.0, 0.1, 1.0):
         L.seed_everything(0)
         module = PPOModule(
             model=peaked_tiny,
-            reward=CallableReward(target_count),
+            reward=CallableReward(half_per_target),
             sampling={"max_new_tokens": 8},
             kl_coef=kl_coef,
             ppo_epochs=2,
@@ -216,13 +195,11 @@ def test_drift_falls_as_the_kl_coefficient_rises_with_the_default_ppo_settings(p
             lr_scheduler="constant",
             drift_texts=0,
         )
-        # 16 prompts per rollout: with 4, the policy-gradient noise alone moved the policy ~0.5 nats whatever β was
-        data = hh_pairs(
-            hh_dir, holdout=0, limit_train=64, batch_size=16, max_length=48, max_prompt_length=8, shuffle=True
-        )
+        # 16 prompts per rollout: with 4 (test_ppo.py's setting) the policy-gradient noise moved the policy
+        # 0.5-0.7 nats even at β=1 and the seeds' spread hid β's effect.
+        data = hh_prompts(hh_dir, limit_train=64, batch_size=16, max_prompt_length=8)
         fit(module, data, max_epochs=3)  # 12 rollouts, 24 optimizer steps
         drift[kl_coef] = exact_kl_to_reference(module.eval(), data)
-    assert drift[0.0] > 1.0, drift  # unconstrained, the policy moves towards the target token
-    assert drift[0.1] < 0.9 * drift[0.0], drift
-    assert drift[1.0] < 0.7 * drift[0.1], drift
-    print(drift)
+    assert drift[0.0] > 1.2, drift  # unconstrained, the policy moves towards the target token
+    assert drift[0.1] < 0.85 * drift[0.0], drift
+    assert drift[1.0] < 0.8 * drift[0.1], drift
