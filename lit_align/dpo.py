@@ -31,8 +31,9 @@ from datamodules.keys import (
     REJECTED_COMPLETION_MASK,
     REJECTED_INPUT_IDS,
 )
-from lit_align.base import AlignmentModule, SequenceLogps
+from lit_align.base import AlignmentModule
 from lit_align.gradients import margin_coefficients, margin_loss_slope, normalized_pair_objective
+from lit_align.logprobs import SequenceLogps
 from lit_align.losses import REFERENCE_FREE_LOSSES, preference_loss
 from lit_align.losses.preference import check_preference_arguments
 
@@ -115,11 +116,11 @@ class DPOModule(AlignmentModule):
         logps = self.reference_logprobs(*_concatenated(batch)).logps
         return logps.chunk(2)
 
-    def shared_step(self, batch: dict, stage: str) -> Tensor:
-        chosen, rejected = self.forward_pair(batch)
-        ref_chosen, ref_rejected = self.reference_pair(batch, stage)
-        out = preference_loss(
-            self.hparams.loss_type,
+    def loss_arguments(
+        self, chosen: SequenceLogps, rejected: SequenceLogps, ref_chosen: Tensor, ref_rejected: Tensor
+    ) -> dict:
+        """Keyword arguments of ``preference_loss`` and of ``margin_loss_slope`` (the same loss) for a pair batch."""
+        return dict(
             policy_chosen_logps=chosen.logps,
             policy_rejected_logps=rejected.logps,
             ref_chosen_logps=ref_chosen,
@@ -130,6 +131,11 @@ class DPOModule(AlignmentModule):
             label_smoothing=self.hparams.label_smoothing,
             gamma=self.hparams.simpo_gamma,
         )
+
+    def shared_step(self, batch: dict, stage: str) -> Tensor:
+        chosen, rejected = self.forward_pair(batch)
+        ref_chosen, ref_rejected = self.reference_pair(batch, stage)
+        out = preference_loss(self.hparams.loss_type, **self.loss_arguments(chosen, rejected, ref_chosen, ref_rejected))
         losses = out.losses
         if self.hparams.normalize_pair_gradients and stage == "train":
             losses = normalized_pair_objective(
@@ -167,18 +173,8 @@ class DPOModule(AlignmentModule):
         margin) — ``gradients.margin_loss_slope``. The reference log-probs come as in training."""
         chosen, rejected = self.forward_pair(batch)
         ref_chosen, ref_rejected = self.reference_pair(batch, split)
-        return margin_loss_slope(
-            self.hparams.loss_type,
-            policy_chosen_logps=chosen.logps,
-            policy_rejected_logps=rejected.logps,
-            ref_chosen_logps=ref_chosen,
-            ref_rejected_logps=ref_rejected,
-            chosen_lengths=chosen.tokens,
-            rejected_lengths=rejected.tokens,
-            beta=self.hparams.beta,
-            label_smoothing=self.hparams.label_smoothing,
-            gamma=self.hparams.simpo_gamma,
-        )
+        arguments = self.loss_arguments(chosen, rejected, ref_chosen, ref_rejected)
+        return margin_loss_slope(self.hparams.loss_type, **arguments)
 
     def normalized_gradient_parameters(self) -> list[nn.Parameter]:
         """The parameters whose per-sequence gradient norms normalise the step (all trainable by default)."""
