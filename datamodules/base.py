@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from datamodules.collation import Collator, TokenizedDataset, tokenize_records
 from datamodules.keys import (
@@ -65,6 +65,7 @@ from datamodules.readers import (
     read_hub,
     read_json_file,
 )
+from datamodules.sampling import ResumableDataLoader, ResumableSampler
 
 _SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "test": "val"}
 
@@ -443,26 +444,27 @@ class BenchmarkDataModule(LightningDataModule):
                     )
             else:
                 self.dropped_rows[role] = 0
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        sampler = None
-        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
-        if role == "train" and world > 1:
-            # Lightning's own distributed sampler always shuffles training data; ours honours ``shuffle`` and ``seed``
-            # (Lightning still calls ``set_epoch`` on it).
-            sampler = DistributedSampler(
-                data, num_replicas=world, rank=self.trainer.global_rank, shuffle=shuffle, seed=self.seed
+        collate = Collator(data.mode, self._pad_id(), self.max_length)
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if role == "train":
+            # Lightning's own distributed sampler always shuffles training data; ours honours ``shuffle`` and
+            # ``seed``, seeds each epoch's order by seed + epoch (Lightning calls ``set_epoch``) and resumes
+            # mid-epoch from a checkpoint (datamodules/sampling.py)
+            world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+            rank = self.trainer.global_rank if world > 1 else 0
+            sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+            return ResumableDataLoader(
+                data, sampler, batch_size=size, drop_last=drop_last, collate_fn=collate, **workers
             )
-            shuffle, generator = False, None
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             data,
             batch_size=size,
             shuffle=shuffle,
-            sampler=sampler,
             drop_last=drop_last,
-            collate_fn=Collator(data.mode, self._pad_id(), self.max_length),
-            num_workers=self.num_workers,
+            collate_fn=collate,
             generator=generator,
-            persistent_workers=self.num_workers > 0,
+            **workers,
         )
 
     def _pad_id(self) -> int:

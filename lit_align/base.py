@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -18,11 +19,21 @@ from typing import ClassVar
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel, SchedulerType, get_scheduler
 
 from datamodules.keys import INDEX
+from lit_align.checkpointing import (
+    MODULE_CLASS_KEY,
+    RNG_STATES_KEY,
+    FitGuard,
+    capture_rng_states,
+    gather_rng_states,
+    rebuildable_state_keys,
+    restore_rng_states,
+    validation_seed,
+)
 from lit_align.generation import (
     SamplingSettings,
     sample_responses,
@@ -62,6 +73,18 @@ def check_optimizer_settings(learning_rate: float, lr_scheduler: str, warmup_rat
             f"lr_scheduler 'constant' ignores warm-up (warmup_steps={warmup_steps}, warmup_ratio={warmup_ratio}); "
             "use 'constant_with_warmup'"
         )
+
+
+def check_writable_directory(path: str | Path, option: str) -> None:
+    """Create ``path`` if needed and refuse one that cannot be written, naming ``option`` (checked at fit start, so a
+    typo does not cost a training run)."""
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option}={str(path)!r} cannot be created: {err.strerror}") from err
+    if not directory.is_dir() or not os.access(directory, os.W_OK):
+        raise ValueError(f"{option}={str(path)!r} is not a writable directory")
 
 
 class AlignmentModule(L.LightningModule):
@@ -129,6 +152,10 @@ class AlignmentModule(L.LightningModule):
         self.metrics = StageMetrics(self.metric_names, self.extra_metrics())
         self._batch_index: Tensor | None = None
         self.callback_weights = nn.ModuleDict()  # weight snapshots of callbacks (see callback_weight_store)
+        self._rng_to_restore: dict | None = None  # this rank's generators from a checkpoint, set at the next step
+        self._rng_outside_validation: dict | None = None
+        self.stopped_by_signal: int | None = None  # set by FitGuard
+        self.made_no_step = False  # set by FitGuard: a fit without an optimizer step exports nothing
 
     # ---- data: the one hand-off to the DataModule -------------------------------------------------------------
 
@@ -140,6 +167,8 @@ class AlignmentModule(L.LightningModule):
         attach = getattr(datamodule, "attach", None)
         if callable(attach):
             attach(self.tokenizer, self.data_mode)
+        if stage == "fit" and self.hparams.export_dir:
+            check_writable_directory(self.hparams.export_dir, "export_dir")  # before any model loads
 
     # ---- models ---------------------------------------------------------------------------------------------
 
@@ -288,12 +317,20 @@ class AlignmentModule(L.LightningModule):
                 prog_bar=name in self.progress_bar_metrics,
             )
 
+    def on_validation_epoch_start(self) -> None:
+        """Validate on a seed of its own (seed + global step), handing the training generators back afterwards."""
+        self._rng_outside_validation = capture_rng_states()
+        validation_seed(self.hparams.seed, self.global_step)
+
     def on_validation_epoch_end(self) -> None:
         """Log the sanity-check validation at step 0, so a reward-vs-drift trace starts before the first update.
 
         Lightning runs ``num_sanity_val_steps`` validation batches before training and then discards their
         metrics; set it to ``limit_val_batches`` for a starting point measured on the same batches.
         """
+        if self._rng_outside_validation is not None:
+            restore_rng_states(self._rng_outside_validation)
+            self._rng_outside_validation = None
         if not self.trainer.sanity_checking or not self.loggers:
             return
         # compute() syncs across ranks; every rank calls it
@@ -339,6 +376,9 @@ class AlignmentModule(L.LightningModule):
         self.call_callbacks("on_after_optimizer_step")  # Lightning has no after-step callback hook
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # the first step after a resume continues the checkpoint's stream
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
         self._batch_index = batch.get(INDEX) if isinstance(batch, dict) else None
 
     def on_before_backward(self, loss: Tensor) -> None:
@@ -429,10 +469,51 @@ class AlignmentModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- checkpoints, resume, stopping (lit_align/checkpointing.py) --------------------------------------------
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [FitGuard()]
+
+    def rebuildable_state_keys(self) -> set[str]:
+        """State-dict keys checkpoints leave out: ``configure_model`` rebuilds them from their source (the frozen
+        reference unless a callback rewrites it; under LoRA the policy's frozen base weights)."""
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        rewritten = any(getattr(callback, "writes_reference", False) for callback in callbacks)
+        return rebuildable_state_keys(self.policy, self.reference, self.uses_lora, rewritten)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add every rank's generator states; leave out the weights ``configure_model`` rebuilds (FSDP2's
+        sharded checkpoints keep everything)."""
+        checkpoint[RNG_STATES_KEY] = gather_rng_states(self.num_ranks)
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.device_mesh is None and "state_dict" in checkpoint:
+            for key in self.rebuildable_state_keys():
+                checkpoint["state_dict"].pop(key, None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Put back the rebuilt weights a checkpoint left out (so loading stays strict), and keep this rank's
+        generator states for the next training step."""
+        saved_class, my_class = checkpoint.get(MODULE_CLASS_KEY), f"{type(self).__module__}.{type(self).__qualname__}"
+        if saved_class is not None and saved_class != my_class:
+            raise ValueError(f"the checkpoint is a {saved_class} checkpoint; it cannot resume a {my_class}")
+        state = checkpoint.get("state_dict")
+        if state is not None and self.policy is not None:
+            current = self.state_dict()
+            for key in self.rebuildable_state_keys() - state.keys():
+                state[key] = current[key]
+        states = checkpoint.get(RNG_STATES_KEY)
+        if states is not None and len(states) == self.num_ranks:
+            self._rng_to_restore = states[self.global_rank]
+        elif states is not None:
+            rank_zero_warn(
+                f"the checkpoint holds random generator states of {len(states)} ranks, this run has {self.num_ranks}: "
+                "sampling does not continue the interrupted run's random stream"
+            )
+
     # ---- export ---------------------------------------------------------------------------------------------
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir:
+        if self.hparams.export_dir and not self.made_no_step:
             self.export(self.hparams.export_dir)
 
     def export(self, directory: str | Path) -> None:

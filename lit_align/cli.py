@@ -10,10 +10,16 @@ Every subcommand starts from the trainer defaults in configs/trainer/default.yam
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.base import BenchmarkDataModule
 from lit_align.base import AlignmentModule
@@ -31,21 +37,160 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class CheckpointPathError(ValueError):
+    """``--ckpt_path`` names no file, a checkpoint of another module class, or a file that is not a checkpoint."""
+
+
 class AlignCLI(LightningCLI):
+    """LightningCLI with the shared trainer defaults, a ``ModelCheckpoint`` that keeps ``last.ckpt`` (options under
+    ``--checkpoint.*``; off with ``--trainer.enable_checkpointing false``), and a ``--ckpt_path`` that never
+    overrides the command line (``_parse_ckpt_path``)."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         if not TRAINER_DEFAULTS_FILE.is_file():
             parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_DEFAULTS.items()})
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # last.ckpt as a link to the newest checkpoint: never behind it, no second copy on disk
+        parser.set_defaults({"checkpoint.save_last": "link"})
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Drop the ``--checkpoint`` callback when checkpointing is off or the config lists a ModelCheckpoint."""
+        config = self.config_init[self.subcommand]
+        listed = config["trainer"].get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if config["trainer"].get("enable_checkpointing") is False or any(
+            isinstance(callback, ModelCheckpoint) for callback in listed
+        ):
+            extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+            keep = [callback for callback in extra if not isinstance(callback, ModelCheckpoint)]
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            return self._instantiate_trainer(trainer_config, keep)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """Exit codes a scheduler understands: 128 + the signal number after a SIGINT/SIGTERM stop (with its
+        checkpoint), 1 after a fit that made no optimizer step (nothing exported)."""
+        signum = getattr(self.model, "stopped_by_signal", None)
+        if signum:
+            sys.exit(128 + signum)
+        if getattr(self.model, "made_no_step", False):
+            sys.exit(1)
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest ``last.ckpt`` of this run's logger directory, and keep the
+        command line's settings: LightningCLI would replace them with the checkpoint's hyperparameters (a resumed
+        run with a new ``export_dir`` would export to the old one). Differences are listed in a warning; a checkpoint
+        of another module class, or a file that is not a readable checkpoint, is an error."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            ckpt_path = config["ckpt_path"] = str(find_last_checkpoint(config))
+            rank_zero_info(f"--ckpt_path last: resuming from {ckpt_path}")
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise CheckpointPathError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        hparams = dict(read_checkpoint(path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        saved_class = hparams.pop("_class_path", None)
+        given = config.get("model")
+        if not isinstance(given, Namespace) or "class_path" not in given:
+            return
+        if saved_class is not None and saved_class != given.class_path:
+            raise CheckpointPathError(
+                f"--ckpt_path {ckpt_path} is a {saved_class} checkpoint; the command line trains {given.class_path}"
+            )
+        differences = hyperparameter_differences(hparams, given.get("init_args") or Namespace())
+        if differences:
+            rank_zero_warn(
+                f"--ckpt_path {ckpt_path}: the command line's settings are used, not the checkpoint's, where they "
+                "differ:\n  " + "\n  ".join(differences)
+            )
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path`` (memory-mapped: tensors are not read), or an error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a truncated zip, a pickle of other objects, not a torch file at all
+        raise CheckpointPathError(
+            f"--ckpt_path {path}: not a readable checkpoint (truncated or not a Lightning checkpoint): {err}"
+        ) from err
+
+
+def hyperparameter_differences(saved: dict, given: Namespace) -> list[str]:
+    """``model.init_args.<name>: checkpoint <value> → command line <value>`` for each setting that differs."""
+    given = given.as_dict() if isinstance(given, Namespace) else dict(given)
+    missing = "<not set>"
+    return [
+        f"model.init_args.{name}: checkpoint {saved.get(name, missing)!r} → command line {given.get(name, missing)!r}"
+        for name in sorted(set(saved) | set(given))
+        if _plain(saved.get(name, missing)) != _plain(given.get(name, missing))
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """Compare config values by content: namespaces and dicts as dicts, tuples as lists."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def find_last_checkpoint(config: Namespace) -> Path:
+    """The newest ``last*.ckpt`` where this run's checkpoints go: ``--checkpoint.dirpath``, else every version of
+    the logger's directory (``<save_dir>/<name>/version_*/checkpoints``; a new run gets a new version) or
+    ``<default_root_dir>/checkpoints``."""
+    places = []
+    dirpath = (config.get("checkpoint") or Namespace()).get("dirpath")
+    if dirpath:
+        places.append(Path(dirpath))
+    else:
+        trainer = config.get("trainer") or Namespace()
+        root = Path(trainer.get("default_root_dir") or ".")
+        loggers = trainer.get("logger")
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        for logger in loggers:
+            if isinstance(logger, Namespace):
+                args = logger.get("init_args") or Namespace()
+                save_dir = Path(args.get("save_dir") or root)
+                places.extend(sorted((save_dir / (args.get("name") or "lightning_logs")).glob("version_*/checkpoints")))
+            elif logger is not False and logger is not None:
+                places.extend(sorted((root / "lightning_logs").glob("version_*/checkpoints")))
+        places.append(root / "checkpoints")
+    found = [path for place in places for path in place.glob("last*.ckpt")]
+    if not found:
+        raise CheckpointPathError(
+            "--ckpt_path last: no last.ckpt in " + ", ".join(str(place) for place in places) + "; give the path"
+        )
+    return max(found, key=lambda path: path.stat().st_mtime)
 
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     defaults = [str(TRAINER_DEFAULTS_FILE)] if TRAINER_DEFAULTS_FILE.is_file() else []
+    try:
+        run_cli(defaults, args)
+    except CheckpointPathError as err:
+        print(f"lit-align: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(defaults: list[str], args: list[str] | None) -> None:
     AlignCLI(
         AlignmentModule,
         BenchmarkDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
         parser_kwargs={command: {"default_config_files": defaults} for command in LightningCLI.subcommands()},
         args=args,
     )

@@ -113,6 +113,12 @@ class DistributionMatchingModule(AlignmentModule):
             raise ValueError(f"proposal_update_every must be >= 1, got {proposal_update_every}")
         if not min_proposal_ess >= 0:
             raise ValueError(f"min_proposal_ess must be >= 0, got {min_proposal_ess}")
+        if clip_weights is not None and not clip_weights > 0:
+            raise ValueError(f"clip_weights must be > 0 (or None: no clipping), got {clip_weights}")
+        if moment_matching_samples < 1:
+            raise ValueError(f"moment_matching_samples must be >= 1, got {moment_matching_samples}")
+        if grad_variance_every < 0:
+            raise ValueError(f"grad_variance_every must be >= 0 (0 = never), got {grad_variance_every}")
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["target"])
@@ -378,7 +384,9 @@ class DistributionMatchingModule(AlignmentModule):
     # ---- state that must survive a checkpoint --------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["dpg_window"] = [{k: v.cpu() for k, v in w.items()} for w in self.window]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.window = [{k: v.to(self.device) for k, v in w.items()} for w in checkpoint.get("dpg_window", [])]

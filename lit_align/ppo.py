@@ -36,7 +36,7 @@ from lit_align.logprobs import position_ids, response_logprobs
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean, masked_whiten
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
 from lit_align.models import load_causal_lm, unwrap_peft
-from lit_align.rewards import RewardFunction
+from lit_align.rewards import RewardFunction, check_reward_scores
 from lit_align.rollout import RolloutMechanics
 
 
@@ -325,7 +325,9 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         generated = time.perf_counter()
 
         # 2. score
-        scores = self.reward(sample.prompts, sample.completions, sample.batch).to(self.device)
+        scores = check_reward_scores(
+            self.reward(sample.prompts, sample.completions, sample.batch), self.reward, sample.completions, sample.batch
+        ).to(self.device)
         scores = sample.penalise_missing_eos(scores, self.hparams.missing_eos_penalty)
         scored = time.perf_counter()
 
@@ -455,7 +457,9 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         over sampled tokens, a k1 estimate of KL(π‖π_ref)) and, once per epoch, ``drift/perplexity`` of the
         policy on held-out human text."""
         sample = self.sample_completions(batch, self.sampling)
-        scores = self.reward(sample.prompts, sample.completions, sample.batch).to(self.device)
+        scores = check_reward_scores(
+            self.reward(sample.prompts, sample.completions, sample.batch), self.reward, sample.completions, sample.batch
+        ).to(self.device)
         task_scores = (
             self.reward.task_scores(sample.prompts, sample.completions, sample.batch)
             if hasattr(self.reward, "task_scores")
@@ -469,9 +473,11 @@ class PPOModule(RolloutMechanics, AlignmentModule):
     # ---- state that must survive a checkpoint ------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.kl_controller is not None:
             checkpoint["kl_controller"] = self.kl_controller.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.kl_controller is not None and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +31,6 @@ def _online(max_steps: int, val_check_interval: int, num_sanity_val_steps: int, 
         "val_check_interval": val_check_interval,
         "num_sanity_val_steps": num_sanity_val_steps,
         "log_every_n_steps": 1,
-        "enable_checkpointing": False,
         **more,
     }
 
@@ -290,3 +292,98 @@ def test_callback_configs_train_from_the_cli(tmp_path, hh_dir):
         result = lit_align("fit", "--config", str(path), *tiny_overrides(hh_dir, tmp_path / path.stem), cwd=tmp_path)
         assert result.returncode == 0, (config, result.stderr[-3000:])
         assert "eval_rewards/chosen" in next((tmp_path / path.stem).rglob("metrics.csv")).read_text()
+
+
+# ---- checkpoints: --ckpt_path, pre-emption, runs that train nothing ------------------------------------------------
+
+
+def dpo_args(hh_dir: Path, out: Path, *more: str) -> list[str]:
+    """hh/dpo.yaml on the tiny model: 24 training pairs in batches of 8, a checkpoint every step."""
+    return [
+        "--config", str(REPO / "configs/hh/dpo.yaml"), *tiny_overrides(hh_dir, out),
+        "--data.init_args.limit_train", "24", "--checkpoint.every_n_train_steps", "1", *more,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_step_dpo_run(hh_dir, tmp_path_factory) -> Path:
+    """A finished 2-step DPO run exported to <dir>/first; its checkpoints under <dir>/logs."""
+    run_dir = tmp_path_factory.mktemp("dpo_run")
+    args = dpo_args(hh_dir, run_dir / "logs", "--model.init_args.export_dir", str(run_dir / "first"))
+    result = lit_align("fit", *args, cwd=run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_ckpt_path_last_resumes_with_the_command_lines_settings(hh_dir, two_step_dpo_run):
+    run_dir = two_step_dpo_run
+    first_export = (run_dir / "first" / "model.safetensors").stat().st_mtime_ns
+    resumed = lit_align(
+        "fit", *dpo_args(hh_dir, run_dir / "logs", "--trainer.max_steps", "3", "--model.init_args.beta", "0.2"),
+        "--model.init_args.export_dir", str(run_dir / "second"), "--ckpt_path", "last", cwd=run_dir,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "--ckpt_path last: resuming from" in resumed.stderr
+    assert "model.init_args.beta: checkpoint 0.1 → command line 0.2" in resumed.stderr
+    assert f"model.init_args.export_dir: checkpoint '{run_dir / 'first'}' → command line" in resumed.stderr
+    assert (run_dir / "second" / "model.safetensors").is_file()  # the command line's export_dir, not the old one
+    assert (run_dir / "first" / "model.safetensors").stat().st_mtime_ns == first_export
+    checkpoint = torch.load(newest(run_dir / "logs", "last.ckpt"), weights_only=True, mmap=True)
+    assert checkpoint["global_step"] == 3 and checkpoint["hyper_parameters"]["beta"] == 0.2
+
+
+def newest(directory: Path, name: str) -> Path:
+    return max(directory.rglob(name), key=lambda path: path.stat().st_mtime_ns)
+
+
+def test_bad_ckpt_paths_are_refused_before_training(hh_dir, two_step_dpo_run, tmp_path):
+    checkpoint = sorted((two_step_dpo_run / "logs").rglob("epoch=*-step=2.ckpt"))[0]
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    kto = ["--config", str(REPO / "configs/hh/kto.yaml"), *tiny_overrides(hh_dir, tmp_path)]
+    cases = {
+        "a DPO checkpoint for KTO": (
+            [*kto, "--ckpt_path", str(checkpoint)],
+            f"--ckpt_path {checkpoint} is a lit_align.DPOModule checkpoint; the command line trains "
+            "lit_align.KTOModule",
+        ),
+        "a truncated file": ([*kto, "--ckpt_path", str(truncated)], f"--ckpt_path {truncated}: not a readable"),
+        "a missing file": ([*kto, "--ckpt_path", "nope.ckpt"], "--ckpt_path nope.ckpt: no such checkpoint file"),
+        "last without a checkpoint": ([*kto, "--ckpt_path", "last"], "--ckpt_path last: no last.ckpt in"),
+    }
+    for case, (args, message) in cases.items():
+        result = lit_align("fit", *args, cwd=tmp_path)
+        assert result.returncode == 2 and f"lit-align: error: {message}" in result.stderr, (case, result.stderr[-2000:])
+
+
+def test_a_fit_that_makes_no_optimizer_step_exports_nothing_and_fails(hh_dir, two_step_dpo_run, tmp_path):
+    """Resumed at max_steps: no step is made, nothing is exported, the exit status says so."""
+    result = lit_align(
+        "fit", *dpo_args(hh_dir, two_step_dpo_run / "logs", "--trainer.max_steps", "2"),
+        "--model.init_args.export_dir", str(tmp_path / "export"),
+        "--ckpt_path", str(sorted((two_step_dpo_run / "logs").rglob("epoch=*-step=2.ckpt"))[0]), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "this fit made no optimizer step" in result.stderr and "Nothing is exported" in result.stderr
+    assert not (tmp_path / "export" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_training_with_a_checkpoint_and_an_export(hh_dir, tmp_path, signum):
+    args = dpo_args(hh_dir, tmp_path / "logs", "--trainer.max_steps", "1000", "--data.init_args.limit_train", "64")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.Popen(
+        ["lit-align", "fit", *args, "--trainer.max_epochs", "100", "--model.init_args.export_dir", "export"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "logs").rglob("epoch=*.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # training has made a step
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    last = tmp_path / "logs" / "hh_dpo" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.is_file()  # ours, or ModelCheckpoint's link to its checkpoint of the same step
+    step = torch.load(last, weights_only=True, mmap=True)["global_step"]
+    assert 1 <= step < 1000 and f"stopped by {signal.Signals(signum).name} at step {step}" in stderr
+    assert (tmp_path / "export" / "model.safetensors").is_file()
