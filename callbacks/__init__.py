@@ -5,6 +5,7 @@ from callbacks.gradient_entanglement import GradientEntanglementMonitor
 from callbacks.online_merging import OnlineMerging
 from callbacks.reference_soup import ReferenceSoup
 from callbacks.reference_sync import ReferenceSync
+from callbacks.reward_drift_plot import RewardDriftPlot
 from callbacks.weight_interpolation import WeightInterpolation
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "OnlineMerging",
     "ReferenceSoup",
     "ReferenceSync",
+    "RewardDriftPlot",
     "WeightInterpolation",
 ]

@@ -32,11 +32,12 @@ generator (its state is checkpointed), so N processes under FSDP2 draw the same 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from callbacks.base import AlignmentCallback
@@ -125,6 +126,13 @@ class OnlineMerging(AlignmentCallback):
                 tau[name] = parameter.detach().clone()  # a DTensor under FSDP2, so the store keeps its layout
                 local(tau[name]).sub_(shard_like(base[base_name].detach(), parameter))
             del base
+            if _all_zero(tau.values()):
+                rank_zero_warn(
+                    f"OnlineMerging: the task vector τ = θ_SFT − θ_base is all zeros: base_model {self.base_model!r} "
+                    "has the same weights as the initial policy, so merging with τ is a no-op (each update is only "
+                    "sparsified and scaled by 1 − α). Set base_model to the pretrained model the policy was "
+                    "fine-tuned from."
+                )
             self.tau = attach_store(pl_module, "online_merging_tau", tau)
             if self.method == "onties":  # F_p(τ) is the same every step: trim once
                 for name, parameter in self.weights.items():
@@ -184,6 +192,19 @@ class OnlineMerging(AlignmentCallback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps = state_dict["steps"]
         self.generator.set_state(state_dict["generator"])
+
+
+def _all_zero(tensors: Iterable[Tensor]) -> bool:
+    """Whether every tensor (this rank's shards) is zero on every rank: one all-reduce when a process group is up."""
+    tensors = [local(t) for t in tensors]
+    if not tensors:
+        return False
+    nonzero = sum(
+        (torch.count_nonzero(t) for t in tensors), torch.zeros((), dtype=torch.long, device=tensors[0].device)
+    )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(nonzero)
+    return int(nonzero) == 0
 
 
 def _as_sharded(values: Tensor, like: Tensor) -> Tensor:

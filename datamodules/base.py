@@ -137,6 +137,11 @@ class BenchmarkDataModule(LightningDataModule):
             raise ValueError("batch_size and eval_batch_size must be >= 1")
         if holdout < 0:
             raise ValueError(f"holdout must be >= 0, got {holdout}")
+        for name, limit in (("limit_train", limit_train), ("limit_val", limit_val)):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: every row), got {limit}")
+        if max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
         self.data_path = data_path if data_path is not None else self.default_data_path
         if self.data_path is None:
             raise ValueError(f"{type(self).__name__} needs data_path (a Hub id, local directory or file)")

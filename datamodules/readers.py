@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
 RawRow = tuple[str, int, dict]  # (source: file path or hub id[split], 1-based row number, row)
+_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".gz")
 
 
 class DataValidationError(ValueError):
@@ -63,32 +65,46 @@ def require_type(
 def read_json_file(path: str) -> Iterator[RawRow]:
     """Yield ``(path, row_number, row)`` from a local ``.jsonl`` / ``.jsonl.gz`` via ``datasets``.
 
-    If ``datasets`` cannot read the file (bad JSON), or a field's type differs between rows, the file is
-    re-read line by line with ``json``: a bad line is reported by row number, and the rows are validated with
-    their types exactly as written, so a wrong type gets a row-and-field message.
+    A 0-byte file, or one with no rows, raises naming the file. If ``datasets`` cannot read the file (bad JSON,
+    bytes that are not UTF-8), or a field's type differs between rows, the file is re-read line by line with
+    ``json``: a bad line is reported by row number, and the rows are validated with their types exactly as
+    written, so a wrong type gets a row-and-field message.
     """
     import datasets
 
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DataValidationError(f"{path}: the file is empty (0 bytes); expected one JSON object per line")
     try:
         data = datasets.load_dataset("json", data_files=path, split="train")
-    except Exception as err:  # noqa: BLE001 — any reader failure becomes a message naming the file
-        numbered = _read_json_lines(path, err)
-    else:
         # Types that differ between rows make `datasets` fall back to a lossy `Json` feature (it turns the
         # string "1" into the int 1); re-read such files exactly, so validation sees the types as written.
-        mixed = "Json(" in repr(data.features)
-        numbered = _read_json_lines(path, None) if mixed else list(enumerate(data.to_list(), start=1))
+        rows = None if "Json(" in repr(data.features) else data.to_list()  # to_list decodes the strings (UTF-8)
+    except Exception:  # noqa: BLE001 — any reader failure becomes a message naming the file
+        numbered = _read_json_lines(path)  # names the bad row, or reads rows `datasets` could not type
+    else:
+        numbered = _read_json_lines(path) if rows is None else list(enumerate(rows, start=1))
+    if not numbered:
+        raise DataValidationError(f"{path}: the file is empty (no rows, only blank lines)")
     for number, row in numbered:
         yield path, number, row
 
 
-def _read_json_lines(path: str, cause: Exception | None) -> list[tuple[int, dict]]:
-    """Every non-blank line of ``path`` as ``(row_number, object)``; the first bad line raises, naming its row."""
+def _read_json_lines(path: str) -> list[tuple[int, dict]]:
+    """Every non-blank line of ``path`` as ``(row_number, object)``; the first bad line raises, naming its row:
+    bytes that are not UTF-8, invalid JSON, or a value that is not an object."""
     opener = gzip.open if path.endswith(".gz") else open
-    rows = []
+    rows, number = [], 0
     try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is allowed
+                except UnicodeDecodeError as err:
+                    bad = raw[err.start : err.end]
+                    raise DataValidationError(
+                        f"{path}: row {number}: not valid UTF-8 (byte {bad.hex(' ')} at byte {err.start + 1} of the "
+                        "line); save the file as UTF-8"
+                    ) from err
                 if not line.strip():
                     continue
                 try:
@@ -98,22 +114,43 @@ def _read_json_lines(path: str, cause: Exception | None) -> list[tuple[int, dict
                 if not isinstance(row, dict):
                     raise DataValidationError(f"{path}: row {number}: expected a JSON object, got {type(row).__name__}")
                 rows.append((number, row))
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise DataValidationError(f"{path}: cannot read as JSON lines: {err}") from err
-    if not rows:
-        raise DataValidationError(f"{path}: cannot read as JSON lines: {cause or 'no rows'}") from cause
-    return rows
+    except (OSError, EOFError) as err:
+        after = f" after row {number}" if number else ""
+        raise DataValidationError(f"{path}: cannot read as JSON lines{after}: {err}") from err
+    return rows  # empty only when every line is blank: the caller says the file is empty
+
+
+def _datasets_offline() -> bool:
+    """Whether ``datasets`` may not reach the Hub (``HF_DATASETS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
 
 
 def read_hub(hub_id: str, split: str, **kwargs: Any) -> Iterator[RawRow]:
-    """Yield ``(f"{hub_id}[{split}]", row_number, row)`` from a Hugging Face Hub dataset."""
+    """Yield ``(f"{hub_id}[{split}]", row_number, row)`` from a Hugging Face Hub dataset.
+
+    ``hub_id`` is what a DataModule's ``data_path`` names when no local file or directory of that name exists:
+    a path-looking one (``./data/hh``, ``/x/y``, ``~/x``, ``a/b/c``, ``x.jsonl``) raises ``FileNotFoundError``
+    at once, and a Hub id that cannot be loaded raises a ``DataValidationError`` naming it (offline mode said
+    so), not the ``datasets`` traceback.
+    """
     import datasets
 
+    if hub_id.startswith(("./", "../", "/", "~", ".\\")) or hub_id.count("/") > 1 or hub_id.endswith(_DATA_SUFFIXES):
+        raise FileNotFoundError(f"no such file or directory: {hub_id} (data_path); it is not a Hub dataset id either")
     try:
         data = datasets.load_dataset(hub_id, split=split, **kwargs)
     except Exception as err:  # noqa: BLE001
+        config = kwargs or "default config"
+        if _datasets_offline():
+            raise DataValidationError(
+                f"{hub_id}: no local file or directory of that name, and split '{split}' ({config}) of the Hub "
+                "dataset is not in the local cache while offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE); "
+                "pass data_path= a local directory or file"
+            ) from err
         raise DataValidationError(
-            f"{hub_id}: cannot load split '{split}' ({kwargs or 'default config'}) from the Hub: {err}. "
+            f"{hub_id}: cannot load split '{split}' ({config}) from the Hub: {err}. "
             "Offline? Pass data_path= a local directory or file instead."
         ) from err
     source = f"{hub_id}[{split}]" + (f"{{{', '.join(f'{k}={v}' for k, v in kwargs.items())}}}" if kwargs else "")

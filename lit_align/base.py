@@ -301,21 +301,46 @@ class AlignmentModule(L.LightningModule):
     # ---- metrics and safety ---------------------------------------------------------------------------------
 
     def log_values(self, stage: str, values: dict[str, Tensor | tuple[Tensor, Tensor]], batch_size: int) -> None:
-        """Update each stage metric with per-example values (or ``(value, weight)``) and log the metric object."""
+        """Log per-example values (or ``(value, weight)`` pairs) under TRL's metric names.
+
+        Training logs each step's value over every rank's rows of that step (``rewards/chosen``, as TRL, without
+        Lightning's ``_step``/``_epoch`` suffixes): the stage metric is reset, updated and computed, which syncs its
+        sums and counts across ranks, so every rank must log the same names (an empty tensor counts as no rows).
+        Validation and test update the stage metric and log the metric object, which Lightning computes exactly
+        over the whole epoch (``eval_rewards/chosen``).
+        """
         for name, value in values.items():
             metric = self.metrics.get(stage, name)
-            args = value if isinstance(value, tuple) else (value,)
+            args = tuple(
+                a.detach().float() if torch.is_tensor(a) else a
+                for a in (value if isinstance(value, tuple) else (value,))
+            )
+            log_name, prog_bar = self.metrics.log_name(stage, name), name in self.progress_bar_metrics
+            if stage == "train":
+                metric.reset()
+                metric.update(*args)
+                step_value = metric.compute()  # a collective under DDP/FSDP
+                if torch.isfinite(step_value):  # NaN: no rows on any rank this step
+                    self.log(log_name, step_value, on_step=True, on_epoch=False, prog_bar=prog_bar)
+                continue
             if args[0].numel() == 0:
                 continue
-            metric(*(a.detach().float() if torch.is_tensor(a) else a for a in args))
-            self.log(
-                self.metrics.log_name(stage, name),
-                metric,
-                on_step=stage == "train",
-                on_epoch=True,
-                batch_size=batch_size,
-                prog_bar=name in self.progress_bar_metrics,
-            )
+            metric.update(*args)
+            self.log(log_name, metric, on_step=False, on_epoch=True, batch_size=batch_size, prog_bar=prog_bar)
+
+    def log_optimizer_state(self) -> None:
+        """TRL's ``grad_norm`` (the total gradient norm before clipping) and ``learning_rate`` of this step."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+            self.log("grad_norm", norm.detach().float(), on_step=True, on_epoch=False)
+        optimizer = self.optimizers()
+        self.log("learning_rate", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.automatic_optimization:  # manual optimization logs before it clips (manual_optimizer_step)
+            self.log_optimizer_state()
 
     def on_validation_epoch_start(self) -> None:
         """Validate on a seed of its own (seed + global step), handing the training generators back afterwards."""

@@ -55,17 +55,13 @@ class AlignCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Drop the ``--checkpoint`` callback when checkpointing is off or the config lists a ModelCheckpoint."""
-        config = self.config_init[self.subcommand]
-        listed = config["trainer"].get("callbacks") or []
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        listed = trainer_config.get("callbacks") or []
         listed = listed if isinstance(listed, list) else [listed]
-        if config["trainer"].get("enable_checkpointing") is False or any(
-            isinstance(callback, ModelCheckpoint) for callback in listed
-        ):
-            extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
-            keep = [callback for callback in extra if not isinstance(callback, ModelCheckpoint)]
-            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-            return self._instantiate_trainer(trainer_config, keep)
-        return super().instantiate_trainer(**kwargs)
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if trainer_config.get("enable_checkpointing") is False or any(isinstance(c, ModelCheckpoint) for c in listed):
+            extra = [callback for callback in extra if not isinstance(callback, ModelCheckpoint)]
+        return self._instantiate_trainer(trainer_config, extra)
 
     def after_fit(self) -> None:
         """Exit codes a scheduler understands: 128 + the signal number after a SIGINT/SIGTERM stop (with its

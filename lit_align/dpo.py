@@ -13,6 +13,7 @@ One step, top to bottom:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import ClassVar
 
@@ -70,12 +71,14 @@ class DPOModule(AlignmentModule):
         ValueError: at construction, before any model loads, for an argument combination that could never train:
             an unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` with a loss that does not take it or
             outside ``[0, 0.5)`` (``losses.preference.check_preference_arguments``), a bad
-            ``normalization_parameters`` pattern, ``precompute_batch_size < 1``, or a bad optimizer setting
-            (see :class:`~lit_align.base.AlignmentModule`).
+            ``normalization_parameters`` pattern (or one without ``normalize_pair_gradients``), ``precompute_batch_size
+            < 1``, a non-finite ``simpo_gamma`` (or a non-default one with a loss other than ``simpo``), or a bad
+            optimizer setting (see :class:`~lit_align.base.AlignmentModule`).
     """
 
     data_mode: ClassVar[str] = "pair"
     metric_names = PAIR_METRICS
+    progress_bar_metrics = ("loss", "rewards/accuracies", "rewards/margins")
 
     def __init__(
         self,
@@ -92,7 +95,16 @@ class DPOModule(AlignmentModule):
         check_preference_arguments(loss_type, beta=beta, label_smoothing=label_smoothing)
         if precompute_batch_size is not None and precompute_batch_size < 1:
             raise ValueError(f"precompute_batch_size must be >= 1 (or None), got {precompute_batch_size}")
+        if not math.isfinite(simpo_gamma):
+            raise ValueError(f"simpo_gamma (SimPO's target margin γ) must be a finite number, got {simpo_gamma}")
+        if simpo_gamma != 0.5 and loss_type != "simpo":  # a non-default margin would be ignored silently
+            raise ValueError(f"simpo_gamma={simpo_gamma} is used by loss_type 'simpo' only, not {loss_type!r}")
         if normalization_parameters is not None:
+            if not normalize_pair_gradients:
+                raise ValueError(
+                    f"normalization_parameters={normalization_parameters!r} is used only with "
+                    "normalize_pair_gradients=True"
+                )
             re.compile(normalization_parameters)  # a bad pattern fails here, not at the first step
         super().__init__(**kwargs)
         self.uses_reference = loss_type not in REFERENCE_FREE_LOSSES

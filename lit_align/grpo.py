@@ -46,7 +46,7 @@ from lit_align.logprobs import response_logprobs
 from lit_align.losses import kl_penalty, masked_mean
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
 from lit_align.ppo import group_normalized_advantages
-from lit_align.rewards import RewardFunction
+from lit_align.rewards import RewardFunction, check_reward_scores
 from lit_align.rollout import RolloutMechanics
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -150,18 +150,6 @@ def reward_function_name(func: Callable) -> str:
     func = getattr(func, "func", func)  # functools.partial
     name = func.__name__ if hasattr(func, "__name__") else type(func).__name__
     return name.replace(".", "_")  # metric keys may not hold dots
-
-
-def reward_column(values, count: int, name: str) -> Tensor:
-    """One reward function's scores as a float tensor ``[count]``; ``None`` entries become NaN (TRL: the function
-    does not apply to that sample)."""
-    if torch.is_tensor(values):
-        column = values.detach().float().flatten().cpu()
-    else:
-        column = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
-    if column.numel() != count:
-        raise ValueError(f"reward function {name!r} returned {column.numel()} scores for {count} completions")
-    return column
 
 
 # ---- the module ----------------------------------------------------------------------------------------------
@@ -270,7 +258,7 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
             problems.append(f"loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
         if num_generations < 2:
             problems.append(f"num_generations must be >= 2 (a group needs several samples), got {num_generations}")
-        if beta < 0:
+        if not beta >= 0:
             problems.append(f"beta must be >= 0, got {beta}")
         if not 0 < epsilon < 1:
             problems.append(f"epsilon must be in (0, 1), got {epsilon}")
@@ -283,6 +271,12 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
         ):
             if count < 1:
                 problems.append(f"{name} must be >= 1, got {count}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be > 0 (or None: no clipping), got {max_grad_norm}")
+        if missing_eos_penalty is not None and not missing_eos_penalty >= 0:
+            problems.append(f"missing_eos_penalty must be >= 0 (it is subtracted), got {missing_eos_penalty}")
+        if drift_texts < 0:
+            problems.append(f"drift_texts must be >= 0, got {drift_texts}")
         if problems:
             raise ValueError("GRPOModule: " + "; ".join(problems))
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
@@ -404,7 +398,9 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
                 values = func(
                     prompts=sample.prompts, completions=sample.completions, completion_ids=completion_ids, **columns
                 )
-            scores.append(reward_column(values, len(sample.completions), name))
+            # one number per completion, None (the function does not apply: TRL) becomes NaN; anything else raises
+            column = check_reward_scores(values, func, sample.completions, sample.batch, allow_none=True, name=name)
+            scores.append(column.cpu())
         return torch.stack(scores, dim=1).to(self.device)
 
     def summed_rewards(self, per_function: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ Names understood everywhere a model is asked for:
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import shutil
@@ -86,16 +87,116 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def resolve(name: str) -> str:
-    """Map an alias to a loadable path; leave Hub ids and directories alone."""
+_ALIASES = (EMBEDDED_MODEL, TINY_MODEL)
+_PATH_PREFIXES = ("./", "../", "/", "~", ".\\", "..\\")
+# what a directory must hold for each kind of load (any one of the names; ``*`` a prefix)
+_DIRECTORY_NEEDS = {
+    "model": ("config.json", "adapter_config.json"),
+    "tokenizer": ("tokenizer*", "vocab*", "spiece*", "sentencepiece*", "*.model", "*.tiktoken", "config.json"),
+}
+
+
+def _hub_offline() -> bool:
+    """Whether Hugging Face Hub access is off (``HF_HUB_OFFLINE=1``), as transformers reads it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A string meant as a local path: ``./x``, ``../x``, ``/x``, ``~/x``, or more than one ``/`` (a Hub id has one)."""
+    return name.startswith(_PATH_PREFIXES) or name in (".", "..") or name.count("/") > 1 or "\\" in name
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the Hub model ``repo_id`` has a snapshot in the local Hugging Face cache."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    return (folder / "snapshots").is_dir()
+
+
+def _valid_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _path_hint(path: Path) -> str:
+    """``" (did you mean …?)"`` from the nearest existing folder above ``path``, or what that folder holds."""
+    parent, missing = path.parent, path.name
+    while not parent.exists() and parent != parent.parent:
+        parent, missing = parent.parent, parent.name
+    if not parent.is_dir():
+        return ""
+    entries = sorted(os.listdir(parent))
+    close = difflib.get_close_matches(missing, entries, n=1)
+    if close:
+        return f" (did you mean {parent / close[0]}?)"
+    return f" ({parent} holds: {', '.join(entries[:8]) + (', …' if len(entries) > 8 else '') or 'nothing'})"
+
+
+def _matches(filename: str, pattern: str) -> bool:
+    if pattern.endswith("*"):
+        return filename.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return filename.endswith(pattern[1:])
+    return filename == pattern
+
+
+def resolve(name: str, kind: str = "model") -> str:
+    """Map an alias to a loadable path and check that ``name`` can be loaded as a ``kind`` (``model`` or
+    ``tokenizer``) before ``from_pretrained`` runs, so a typo fails fast with what the user typed:
+
+    * a local directory must hold a ``config.json`` (model) or tokenizer files (tokenizer);
+    * a path-looking string that does not exist, or a string that is no valid Hub id:
+      ``FileNotFoundError("no such directory or Hub id: ./outputs/hh_sft/modle (did you mean …?)")``;
+    * a Hub id not in the local cache while ``HF_HUB_OFFLINE=1``: ``FileNotFoundError`` saying so, instead of
+      transformers' connection errors. Online, Hub ids are left to ``from_pretrained``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{kind}: expected a local directory, a Hub id or one of {list(_ALIASES)}, got {name!r}")
     if name == EMBEDDED_MODEL:
         return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        found = sorted(os.listdir(path))
+        needs = _DIRECTORY_NEEDS[kind]
+        if not any(_matches(entry, pattern) for entry in found for pattern in needs):
+            what = "no config.json: not a Hugging Face model directory" if kind == "model" else "no tokenizer files"
+            raise FileNotFoundError(
+                f"{name} is a directory but holds {what} (found: {', '.join(found[:8]) or 'nothing'}); "
+                "pass the directory a run exported (export_dir), which holds both"
+            )
+        return str(path)
+    if path.is_file():
+        why = " (a Lightning checkpoint: export it to a directory first)" if path.suffix == ".ckpt" else ""
+        raise NotADirectoryError(
+            f"{name} is a file, not a model directory{why}; pass a directory with config.json or a Hub id"
+        )
+    if _looks_like_path(name) or not _valid_repo_id(name):
+        alias = difflib.get_close_matches(name, _ALIASES, n=1)
+        hint = f" (did you mean {alias[0]!r}?)" if alias else _path_hint(path)
+        raise FileNotFoundError(f"no such directory or Hub id: {name}{hint}")
+    if _hub_offline() and not _in_hub_cache(name):
+        alias = difflib.get_close_matches(name, _ALIASES, n=1)
+        hint = f"; did you mean {alias[0]!r}?" if alias else ""
+        raise FileNotFoundError(
+            f"no such directory or Hub id: {name}: there is no local directory of that name, and the Hub id is not "
+            f"in the local cache while offline mode is on (HF_HUB_OFFLINE=1){hint}"
+        )
     return name
 
 
 def load_tokenizer(name: str = EMBEDDED_MODEL) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; the tiny test model uses the embedded tokenizer. A missing pad token becomes EOS."""
-    source = resolve(EMBEDDED_MODEL if name == TINY_MODEL else name)
+    """Load a tokenizer; the tiny test model uses the embedded tokenizer. A missing pad token becomes EOS.
+    A name that cannot be loaded raises before transformers runs (see :func:`resolve`)."""
+    source = resolve(EMBEDDED_MODEL if name == TINY_MODEL else name, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,9 +229,18 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         return LlamaForCausalLM(tiny_llama_config(**overrides))
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating torch dtype from its name (``float32``, ``bfloat16``, ``float16``); anything else raises."""
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating torch dtype; use float32, bfloat16 or float16")
+    return value
+
+
 def load_causal_lm(name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0) -> PreTrainedModel:
-    """Load a causal LM by alias, local directory or Hub id (``seed`` only affects ``tiny-llama``)."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    """Load a causal LM by alias, local directory or Hub id (``seed`` only affects ``tiny-llama``). A name that
+    cannot be loaded raises before transformers runs (see :func:`resolve`)."""
+    dtype = torch_dtype(dtype)
     if name == TINY_MODEL:
         return tiny_llama(seed).to(dtype)
     return AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype)
@@ -140,7 +250,7 @@ def load_sequence_classifier(
     name: str = EMBEDDED_MODEL, dtype: str | torch.dtype = "float32", seed: int = 0
 ) -> PreTrainedModel:
     """Load a scalar-output sequence classifier (reward model) on top of a causal LM checkpoint."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype)
     if name == TINY_MODEL:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -226,6 +226,27 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         ):
             if count < 1:
                 raise ValueError(f"{name} must be >= 1, got {count}")
+        ranges = (
+            ("kl_coef", kl_coef, 0.0 <= kl_coef, ">= 0"),
+            ("target_kl", target_kl, target_kl > 0, "> 0"),
+            ("kl_horizon", kl_horizon, kl_horizon >= 1, ">= 1"),
+            ("gamma", gamma, 0.0 <= gamma <= 1.0, "in [0, 1]"),
+            ("lam", lam, 0.0 <= lam <= 1.0, "in [0, 1]"),
+            ("cliprange", cliprange, cliprange > 0, "> 0"),
+            ("cliprange_value", cliprange_value, cliprange_value > 0, "> 0"),
+            ("vf_coef", vf_coef, vf_coef >= 0, ">= 0"),
+            ("max_grad_norm", max_grad_norm, max_grad_norm is None or max_grad_norm > 0, "> 0 (or None: no clipping)"),
+            (
+                "missing_eos_penalty",
+                missing_eos_penalty,
+                missing_eos_penalty is None or missing_eos_penalty >= 0,
+                ">= 0",
+            ),
+            ("drift_texts", drift_texts, drift_texts >= 0, ">= 0"),
+        )
+        for name, value, valid, rule in ranges:
+            if not valid:  # NaN fails every comparison
+                raise ValueError(f"{name} must be {rule}, got {value}")
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the estimator name early
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)

@@ -8,12 +8,123 @@ completion (``text="full"``, as TRL's IMDB sentiment example does).
 from __future__ import annotations
 
 import importlib
+import numbers
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from datamodules.keys import INDEX
+
 TEXT_CHOICES = ("completion", "full")
+
+
+# ---- the one check of what a reward returns ------------------------------------------------------------------
+
+
+class RewardError(ValueError):
+    """A reward returned something other than one finite number per completion; the message names the reward and
+    the rows, so a bad reward is not mistaken for a bad learning rate."""
+
+
+def reward_name(reward: Any) -> str:
+    """How errors and metrics name a reward: a function's ``__name__`` (``<lambda>`` too), else its class name; a
+    ``functools.partial`` by its function and a :class:`CallableReward` by the callable it wraps."""
+    reward = getattr(reward, "func", reward)  # functools.partial
+    reward = getattr(reward, "fn", reward) if isinstance(reward, CallableReward) else reward
+    return reward.__name__ if hasattr(reward, "__name__") else type(reward).__name__
+
+
+def _is_number(value: Any) -> bool:
+    if torch.is_tensor(value):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, numbers.Real)  # bool, int, float, numpy scalars
+
+
+def _rows(indices: list[int], batch: dict | None) -> str:
+    """``completions [1, 3] (dataset index [17, 40])``: which rows of the rollout, and of the dataset when the
+    batch carries ``INDEX``."""
+    shown = indices[:10]
+    more = f" and {len(indices) - len(shown)} more" if len(indices) > len(shown) else ""
+    text = f"completions {shown}{more}"
+    index = batch.get(INDEX) if isinstance(batch, dict) else None
+    if index is not None and len(index) > max(shown):
+        text += f" (dataset index {[int(index[i]) for i in shown]})"
+    return text
+
+
+def check_reward_scores(
+    values: Any,
+    reward: Any,
+    completions: Sequence[str],
+    batch: dict | None = None,
+    *,
+    allow_none: bool = False,
+    name: str | None = None,
+) -> Tensor:
+    """The scores ``values`` that ``reward`` gave ``completions``, as a float tensor ``[len(completions)]``, or a
+    :class:`RewardError` naming the reward (``name``, default :func:`reward_name`) and the rows: a value that is no
+    sequence or tensor, strings or other non-numbers, the wrong count, or NaN / ±Inf. Every caller of a reward
+    (``RewardFunction.forward``, PPO's and GRPO's scoring) goes through here, before any loss is computed.
+
+    ``allow_none``: ``None`` marks a completion the function does not apply to (TRL's GRPO reward functions) and
+    becomes NaN; an explicit NaN is still refused. A tensor keeps its device.
+    """
+    label, count = repr(name or reward_name(reward)), len(completions)
+    if torch.is_tensor(values):
+        if values.numel() != count:
+            raise RewardError(
+                f"reward {label} returned {values.numel()} scores for {count} completions (a tensor of shape "
+                f"{tuple(values.shape)}); a reward returns one number per completion"
+            )
+        if values.is_complex():
+            raise RewardError(f"reward {label} returned complex scores; a reward returns real numbers")
+        scores, missing = values.detach().flatten().float(), None
+    else:
+        if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+            raise RewardError(
+                f"reward {label} returned {type(values).__name__} {_short(values)}, not a list or tensor of {count} "
+                "numbers (one per completion)"
+            )
+        items = list(values)
+        if len(items) != count:
+            raise RewardError(f"reward {label} returned {len(items)} scores for {count} completions")
+        bad = [i for i, v in enumerate(items) if not (_is_number(v) or (allow_none and v is None))]
+        if bad:
+            kinds = sorted({type(items[i]).__name__ for i in bad})
+            raise RewardError(
+                f"reward {label} returned {'/'.join(kinds)} instead of a number at {_rows(bad, batch)}, e.g. "
+                f"{_short(items[bad[0]])}; a reward returns one number per completion"
+            )
+        missing = torch.tensor([v is None for v in items], dtype=torch.bool)
+        scores = torch.tensor([float("nan") if v is None else float(v) for v in items], dtype=torch.float32)
+    nonfinite = ~torch.isfinite(scores)
+    if missing is not None:
+        nonfinite = nonfinite & ~missing.to(scores.device)
+    if nonfinite.any():
+        flags = nonfinite.cpu()
+        values_cpu = scores.cpu()
+        parts = [
+            f"{kind} at {_rows(rows, batch)}"
+            for kind, rows in (
+                ("nan", [i for i in range(count) if flags[i] and values_cpu[i].isnan()]),
+                ("inf", [i for i in range(count) if flags[i] and values_cpu[i].isinf()]),
+            )
+            if rows
+        ]
+        first = int(flags.nonzero()[0])
+        hint = "; return None for a completion the function does not apply to" if allow_none else ""
+        raise RewardError(
+            f"reward {label} returned non-finite scores: {'; '.join(parts)} (completion {first}: "
+            f"{_short(completions[first])}); the reward is at fault, not the training{hint}"
+        )
+    return scores
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 class RewardFunction(nn.Module):
@@ -39,7 +150,8 @@ class RewardFunction(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None = None) -> Tensor:
-        return self.score(prompts, completions, batch).float()
+        """One float score per completion; anything else raises a ``RewardError`` (:func:`check_reward_scores`)."""
+        return check_reward_scores(self.score(prompts, completions, batch), self, completions, batch)
 
     def train(self, mode: bool = True) -> RewardFunction:  # rewards stay frozen whatever Lightning sets
         return super().train(False)
@@ -95,10 +207,12 @@ class ClassifierReward(RewardFunction):
         super().__init__(text)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from lit_align.models import resolve
+
         if output not in self.OUTPUTS:
             raise ValueError(f"output={output!r}: choose one of {self.OUTPUTS}")
-        self.classifier = AutoModelForSequenceClassification.from_pretrained(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.classifier = AutoModelForSequenceClassification.from_pretrained(resolve(model))
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve(model, "tokenizer"))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.classifier.config.pad_token_id = self.tokenizer.pad_token_id
@@ -218,10 +332,7 @@ class CallableReward(RewardFunction):
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
         values = self.fn(prompts, completions, batch) if self.pass_batch else self.fn(prompts, completions)
-        values = torch.as_tensor(values, dtype=torch.float32).flatten()
-        if values.numel() != len(completions):
-            raise ValueError(f"reward callable returned {values.numel()} values for {len(completions)} completions")
-        return values
+        return check_reward_scores(values, self.fn, completions, batch)
 
 
 class FeatureReward(RewardFunction):
@@ -233,7 +344,7 @@ class FeatureReward(RewardFunction):
         self.feature = feature
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], batch: dict | None) -> Tensor:
-        return torch.tensor([float(self.feature(text)) for text in completions], dtype=torch.float32)
+        return check_reward_scores([self.feature(text) for text in completions], self.feature, completions, batch)
 
 
 class PivotBLEUReward(RewardFunction):

