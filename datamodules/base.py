@@ -126,6 +126,7 @@ class BenchmarkDataModule(LightningDataModule):
             shuffle: shuffle the train loader.
         """
         super().__init__()
+        self.save_hyperparameters()  # in checkpoints: an exported policy's model card names its data
         if max_prompt_length >= max_length:
             raise ValueError(
                 f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length}): "

@@ -34,6 +34,7 @@ from lit_align.checkpointing import (
     restore_rng_states,
     validation_seed,
 )
+from lit_align.export import logged_metrics, read_metadata, write_model_card
 from lit_align.generation import (
     SamplingSettings,
     sample_responses,
@@ -114,7 +115,9 @@ class AlignmentModule(L.LightningModule):
             that does not fit, and each token then pays one all-gather per layer.
         disable_dropout: zero every dropout in the policy, LoRA's included (TRL's default for preference and RL
             training).
-        export_dir: if set, the trained policy is saved there with ``save_pretrained`` at the end of fit.
+        export_dir: if set, the trained policy is saved there with ``save_pretrained`` at the end of fit (with a
+            model card, ``lit_align/export.py``); not after a fit that made no optimizer step.
+        export_every_checkpoint: also export to ``<export_dir>/step-<global step>`` at every checkpoint save.
         seed: seed for ``tiny-llama`` weights.
     """
 
@@ -122,6 +125,7 @@ class AlignmentModule(L.LightningModule):
     uses_reference: ClassVar[bool] = True
     metric_names: ClassVar[tuple[str, ...]] = ("loss",)
     progress_bar_metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    paper: ClassVar[str] = ""  # the method's paper, for exported model cards
 
     def __init__(
         self,
@@ -141,6 +145,7 @@ class AlignmentModule(L.LightningModule):
         gather_for_generation: bool = True,
         disable_dropout: bool = True,
         export_dir: str | None = None,
+        export_every_checkpoint: bool = False,
         seed: int = 0,
     ) -> None:
         check_optimizer_settings(learning_rate, lr_scheduler, warmup_ratio, warmup_steps)
@@ -156,6 +161,8 @@ class AlignmentModule(L.LightningModule):
         self._rng_outside_validation: dict | None = None
         self.stopped_by_signal: int | None = None  # set by FitGuard
         self.made_no_step = False  # set by FitGuard: a fit without an optimizer step exports nothing
+        self.checkpoint_global_step: int | None = None  # of the checkpoint loaded outside a fit (model cards)
+        self.checkpoint_data: dict | None = None
 
     # ---- data: the one hand-off to the DataModule -------------------------------------------------------------
 
@@ -169,6 +176,12 @@ class AlignmentModule(L.LightningModule):
             attach(self.tokenizer, self.data_mode)
         if stage == "fit" and self.hparams.export_dir:
             check_writable_directory(self.hparams.export_dir, "export_dir")  # before any model loads
+        if stage in ("validate", "test") and self.uses_reference and self.reference_source() == self.hparams.model:
+            rank_zero_warn(
+                f"{type(self).__name__}: evaluating {self.hparams.model} against itself (no reference_model and no "
+                "lit_align.json recording one): the policy and the reference are the same weights, so rewards and KL "
+                "are 0 by construction. Set --model.init_args.reference_model to the model training started from."
+            )
 
     # ---- models ---------------------------------------------------------------------------------------------
 
@@ -198,10 +211,11 @@ class AlignmentModule(L.LightningModule):
         """Policy, reference and extra modules, then FSDP2 sharding under ``ModelParallelStrategy``."""
         policy = self.build_policy()
         if self.needs_reference_model():
-            if self.hparams.reference_model is None:
+            source = self.reference_source()
+            if source == self.hparams.model:
                 reference = copy.deepcopy(policy)
             else:
-                reference = load_causal_lm(self.hparams.reference_model, self.hparams.dtype, self.hparams.seed)
+                reference = load_causal_lm(source, self.hparams.dtype, self.hparams.seed)
             self.reference = reference.eval().requires_grad_(False)
         if self.uses_lora:
             policy = apply_lora(policy, self.hparams.lora, task_type=self.lora_task_type)
@@ -215,6 +229,20 @@ class AlignmentModule(L.LightningModule):
         self.policy = policy.train()  # from_pretrained returns eval mode; HF checkpointing needs train mode
         self.build_extra_modules()
         self._shard_for_model_parallel()
+
+    def reference_source(self) -> str:
+        """Where the reference weights come from: ``reference_model``; else, for a policy exported by lit-align, the
+        reference it was trained against (its ``lit_align.json``); else the initial policy itself."""
+        if self.hparams.reference_model is not None:
+            return self.hparams.reference_model
+        metadata = read_metadata(self.hparams.model)
+        if metadata and metadata.get("reference_model") and metadata["reference_model"] != self.hparams.model:
+            rank_zero_info(
+                f"reference model: {metadata['reference_model']} (recorded in {self.hparams.model}/lit_align.json as "
+                "the reference this policy was trained against; set reference_model to use another)"
+            )
+            return metadata["reference_model"]
+        return self.hparams.model
 
     def build_extra_modules(self) -> None:
         """Hook for modules besides the policy and reference (PPO's value head, a DPG proposal), built before
@@ -514,14 +542,22 @@ class AlignmentModule(L.LightningModule):
         if self.device_mesh is None and "state_dict" in checkpoint:
             for key in self.rebuildable_state_keys():
                 checkpoint["state_dict"].pop(key, None)
+        if self.hparams.export_every_checkpoint and self.hparams.export_dir:
+            self.export(Path(self.hparams.export_dir) / f"step-{self.global_step}")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Put back the rebuilt weights a checkpoint left out (so loading stays strict), and keep this rank's
-        generator states for the next training step."""
+        generator states for the next training step. Outside a Trainer (``load_from_checkpoint``) callbacks' weight
+        snapshots have no callback to own them and are left out."""
         saved_class, my_class = checkpoint.get(MODULE_CLASS_KEY), f"{type(self).__module__}.{type(self).__qualname__}"
         if saved_class is not None and saved_class != my_class:
             raise ValueError(f"the checkpoint is a {saved_class} checkpoint; it cannot resume a {my_class}")
         state = checkpoint.get("state_dict")
+        if state is not None and self._trainer is None:
+            for key in [key for key in state if key.startswith("callback_weights.")]:
+                del state[key]
+            self.checkpoint_global_step = checkpoint.get("global_step")
+            self.checkpoint_data = checkpoint.get("datamodule_hyper_parameters")
         if state is not None and self.policy is not None:
             current = self.state_dict()
             for key in self.rebuildable_state_keys() - state.keys():
@@ -541,18 +577,24 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.export_dir and not self.made_no_step:
             self.export(self.hparams.export_dir)
 
-    def export(self, directory: str | Path) -> None:
-        """Save the policy (LoRA merged in) and tokenizer as a Hugging Face directory.
+    def export(self, directory: str | Path, merge: bool = True) -> None:
+        """Save the policy and tokenizer as a Hugging Face directory, with a model card (``lit_align/export.py``).
 
-        Under FSDP2 the full state dict is gathered on every rank (a collective) and rank 0 writes it.
+        Under LoRA the adapters are merged into the weights, or with ``merge=False`` saved as a peft adapter
+        directory. Under FSDP2 the full state dict is gathered on every rank (a collective) and rank 0 writes it,
+        without the duplicate of a tied ``lm_head.weight``.
         """
         directory = Path(directory)
         state = full_state_dict(self.policy)
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
         model = self.policy
-        if self.uses_lora:
+        if self.uses_lora and merge:
             model = copy.deepcopy(model).merge_and_unload()
+        if state is not None and getattr(model.config, "tie_word_embeddings", False):
+            state = {name: tensor for name, tensor in state.items() if not name.endswith("lm_head.weight")}
         model.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
-        rank_zero_info(f"exported the policy to {directory}")
+        data = self.trainer.datamodule if self._trainer is not None else self.checkpoint_data
+        write_model_card(directory, self, logged_metrics(self), data)
+        rank_zero_info(f"exported the policy to {directory}" + ("" if merge or not self.uses_lora else " (adapters)"))

@@ -2,6 +2,7 @@
 
 lit-align fit --config configs/hh/dpo.yaml [--data.data_path ...] [--trainer.max_steps ...]
 lit-align fit --model lit_align.DPOModule --print_config
+lit-align export --ckpt_path outputs/hh_dpo/version_0/checkpoints/last.ckpt --export_dir outputs/dpo-policy
 
 Every subcommand starts from the trainer defaults in configs/trainer/default.yaml (LightningCLI
 ``default_config_files``); --config files and --trainer.* flags given on the command line override them key by key.
@@ -110,6 +111,8 @@ class AlignCLI(LightningCLI):
 
 def read_checkpoint(path: Path) -> dict:
     """The checkpoint at ``path`` (memory-mapped: tensors are not read), or an error naming the file."""
+    if not path.is_file():
+        raise CheckpointPathError(f"--ckpt_path {path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a truncated zip, a pickle of other objects, not a torch file at all
@@ -169,11 +172,31 @@ def find_last_checkpoint(config: Namespace) -> Path:
     return max(found, key=lambda path: path.stat().st_mtime)
 
 
+def export_command(args: list[str]) -> None:
+    """``lit-align export --ckpt_path CKPT --export_dir DIR [--merge false]``: a checkpoint → a Hugging Face
+    directory (with its model card); under LoRA ``--merge false`` writes a peft adapter directory."""
+    import argparse
+
+    from lit_align.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="lit-align export", description=export_command.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by a lit-align fit")
+    parser.add_argument("--export_dir", required=True, help="the directory to write")
+    parser.add_argument("--merge", type=lambda text: text.lower() not in ("false", "0", "no"), default=True)
+    options = parser.parse_args(args)
+    read_checkpoint(Path(options.ckpt_path))  # a missing or unreadable file: a message naming it
+    export_checkpoint(options.ckpt_path, options.export_dir, merge=options.merge)
+
+
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = sys.argv[1:] if args is None else args
     defaults = [str(TRAINER_DEFAULTS_FILE)] if TRAINER_DEFAULTS_FILE.is_file() else []
     try:
-        run_cli(defaults, args)
+        if args[:1] == ["export"]:
+            export_command(args[1:])
+        else:
+            run_cli(defaults, args)
     except CheckpointPathError as err:
         print(f"lit-align: error: {err}", file=sys.stderr)
         sys.exit(2)

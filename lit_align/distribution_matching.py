@@ -79,6 +79,11 @@ class DistributionMatchingModule(AlignmentModule):
         **kwargs: see :class:`~lit_align.base.AlignmentModule`.
     """
 
+    paper: ClassVar[str] = (
+        "Khalifa et al. 2021, *A Distributional Approach to Controlled Text Generation* (KL-DPG); Korbak et "
+        "al. 2022 (GDC++)."
+    )
+
     data_mode: ClassVar[str] = "prompt"
     metric_names = (
         "loss",

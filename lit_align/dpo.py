@@ -76,6 +76,12 @@ class DPOModule(AlignmentModule):
             optimizer setting (see :class:`~lit_align.base.AlignmentModule`).
     """
 
+    paper: ClassVar[str] = (
+        "Rafailov et al. 2023, *Direct Preference Optimization* (Eq. 7), and the variant named by loss_type "
+        "(IPO: Azar et al. 2023; SLiC-HF hinge: Zhao et al. 2023; robust: Chowdhury et al. 2024; SimPO: Meng "
+        "et al. 2024)."
+    )
+
     data_mode: ClassVar[str] = "pair"
     metric_names = PAIR_METRICS
     progress_bar_metrics = ("loss", "rewards/accuracies", "rewards/margins")

@@ -203,6 +203,11 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
     logs ``reward``, ``rewards/<function>/mean``, ``drift/kl_to_init``, ``drift/perplexity``, ``diversity/*``.
     """
 
+    paper: ClassVar[str] = (
+        "Shao et al. 2024, *DeepSeekMath* (GRPO, §4.1); loss aggregations of DAPO (Yu et al. 2025) and Dr. "
+        "GRPO (Liu et al. 2025)."
+    )
+
     data_mode: ClassVar[str] = "prompt"
     metric_names = (
         "reward",

@@ -51,6 +51,8 @@ class KTOModule(AlignmentModule):
         ValueError: at construction (before any model loads) for ``beta <= 0`` or a weight ``<= 0``.
     """
 
+    paper: ClassVar[str] = "Ethayarajh et al. 2024, *KTO: Model Alignment as Prospect Theoretic Optimization* (Eq. 8)."
+
     data_mode: ClassVar[str] = "unpaired"
     metric_names = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 

@@ -15,8 +15,10 @@ import difflib
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -258,38 +260,133 @@ def load_sequence_classifier(
     return AutoModelForSequenceClassification.from_pretrained(resolve(name), num_labels=1, dtype=dtype)
 
 
+# peft.LoraConfig fields that lit-align or peft set, never the user: task_type comes from the module (CAUSAL_LM, or
+# SEQ_CLS for reward models), inference_mode=True would freeze the adapters, the rest are peft's bookkeeping.
+_LORA_RESERVED = (
+    "task_type",
+    "inference_mode",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+)
+# LoraSettings' short names for two LoraConfig fields (the names of lit-align's configs) and their defaults.
+_LORA_ALIASES = {"alpha": ("lora_alpha", 32), "dropout": ("lora_dropout", 0.05)}
+
+
 @dataclass
 class LoraSettings:
-    """LoRA adapter settings passed to ``peft.LoraConfig`` (Hu et al. 2021)."""
+    """LoRA adapter settings passed to ``peft.LoraConfig`` (Hu et al. 2021).
+
+    Every field is the ``LoraConfig`` field of the same name (see peft's documentation), with lit-align's defaults
+    r=16, alpha=32, dropout=0.05 and ``target_modules="all-linear"`` (every linear layer but the output layer).
+    ``alpha`` and ``dropout`` are short names of ``lora_alpha`` and ``lora_dropout``: give either (a ``lora_*``
+    value replaces the short name's default; two different values are an error); after construction both hold it.
+
+    Common options: ``use_dora`` (DoRA, Liu et al. 2024: a learned magnitude per output feature), ``use_rslora``
+    (scaling alpha/√r instead of alpha/r, Kalajdzievski 2023), ``modules_to_save`` (modules trained in full next to
+    the adapters, e.g. ``["lm_head"]``), ``init_lora_weights`` (``true``, ``"gaussian"``, ``"pissa"``...). Any other
+    ``LoraConfig`` field goes in ``extra`` and is passed as-is (``extra={"exclude_modules": ["down_proj"]}``);
+    ``task_type`` is set by the module. From YAML or the command line:
+    ``lora: {r: 8, use_dora: true, target_modules: all-linear}``.
+
+    Initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ) also change the policy with its
+    adapters off, which is the reference model under LoRA.
+    """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | str = field(default="all-linear")
+    target_modules: str | list[str] | None = "all-linear"
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: int | list[int] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, int] | None = None
+    fan_in_fan_out: bool = False
+    extra: dict[str, Any] | None = None  # any other peft.LoraConfig field, passed as-is
+
+    def __post_init__(self) -> None:
+        for short, (long, default) in _LORA_ALIASES.items():
+            value, peft_value = getattr(self, short), getattr(self, long)
+            if peft_value is not None and value != default and value != peft_value:
+                raise ValueError(
+                    f"lora: {short}={value!r} and {long}={peft_value!r} disagree; they are one setting, give one"
+                )
+            setattr(self, short, value if peft_value is None else peft_value)
+            setattr(self, long, getattr(self, short))
+        if self.extra:
+            own = {f.name for f in fields(self)}
+            _check_lora_names(self.extra.keys() - own)
+            if clash := sorted(self.extra.keys() & own):
+                raise ValueError(f"lora: {clash} are LoraSettings fields; set them directly, not in extra")
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> LoraSettings:
+        """Settings from a mapping of ``LoraSettings`` fields and any other ``peft.LoraConfig`` fields (those go to
+        ``extra``). An unknown name is a ``ValueError`` that lists the valid ones."""
+        own = {f.name for f in fields(cls)}
+        others = {name: value for name, value in settings.items() if name not in own}
+        _check_lora_names(others.keys())
+        kwargs = {name: value for name, value in settings.items() if name in own}
+        if others:
+            kwargs["extra"] = {**(kwargs.get("extra") or {}), **others}
+        return cls(**kwargs)
+
+    def lora_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``peft.LoraConfig``, all but ``task_type``."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in (*_LORA_ALIASES, "extra")}
+        for name in ("rank_pattern", "alpha_pattern"):  # peft's default is an empty dict
+            kwargs[name] = dict(kwargs[name] or {})
+        return {**kwargs, **(self.extra or {})}
 
 
 torch.serialization.add_safe_globals([LoraSettings])  # a hyperparameter in checkpoints (torch.load weights_only)
 
 
-def apply_lora(model: PreTrainedModel, settings: LoraSettings | dict, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
-    """Wrap ``model`` in a peft LoRA adapter; only adapter weights stay trainable. ``settings`` may be a dict of
-    :class:`LoraSettings` fields (``{"r": 8, "target_modules": ["q_proj", "v_proj"]}``)."""
+def lora_setting_names() -> list[str]:
+    """The names ``lora=`` understands: ``LoraSettings``' fields, then the other ``peft.LoraConfig`` fields."""
+    from peft import LoraConfig
+
+    own = [f.name for f in fields(LoraSettings) if f.name != "extra"]
+    peft_names = [f.name for f in fields(LoraConfig) if f.init and f.name not in own]
+    return own + [name for name in peft_names if name not in _LORA_RESERVED]
+
+
+def _check_lora_names(names: Iterable[str]) -> None:
+    """A ``ValueError`` for names that are set by lit-align/peft or are no LoRA setting at all."""
+    names = set(names)
+    if reserved := sorted(names & set(_LORA_RESERVED)):
+        raise ValueError(
+            f"lora: {reserved} cannot be set in the LoRA settings; lit-align sets them (task_type follows the "
+            "module: CAUSAL_LM, or SEQ_CLS for reward models)"
+        )
+    if not names:
+        return
+    valid = lora_setting_names()
+    if unknown := sorted(names - set(valid)):
+        raise ValueError(f"lora: unknown settings {unknown}; valid: {valid}")
+
+
+def apply_lora(
+    model: PreTrainedModel, settings: LoraSettings | Mapping[str, Any], task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
+    """Wrap ``model`` in a peft LoRA adapter; only adapter weights (and ``modules_to_save``) stay trainable.
+    ``settings`` may be a mapping of :class:`LoraSettings` fields and any other ``peft.LoraConfig`` fields
+    (``{"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}``); ``task_type`` is the module's."""
     from peft import LoraConfig, get_peft_model
 
-    if isinstance(settings, dict):
-        valid = [f.name for f in fields(LoraSettings)]
-        if unknown := set(settings) - set(valid):
-            raise ValueError(f"lora: unknown settings {sorted(unknown)}; valid: {valid}")
-        settings = LoraSettings(**settings)
-
-    config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
-        task_type=task_type,
-    )
-    return get_peft_model(model, config)
+    if isinstance(settings, Mapping):
+        settings = LoraSettings.from_dict(settings)
+    else:  # rebuilt and checked again: settings unpickled from an older checkpoint lack the newer fields
+        settings = replace(settings)
+    return get_peft_model(model, LoraConfig(**settings.lora_config_kwargs(), task_type=task_type))
 
 
 def unwrap_peft(model: nn.Module) -> nn.Module:

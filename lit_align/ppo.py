@@ -162,6 +162,11 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         **kwargs: see :class:`~lit_align.base.AlignmentModule`.
     """
 
+    paper: ClassVar[str] = (
+        "Schulman et al. 2017, *Proximal Policy Optimization* (Eq. 7) with GAE (Schulman et al. 2016) and a "
+        "KL-shaped reward (Ziegler et al. 2019); RLOO: Ahmadian et al. 2024, *Back to Basics*."
+    )
+
     data_mode: ClassVar[str] = "prompt"
     metric_names = (
         "objective/scores",

@@ -36,6 +36,10 @@ class RewardModelModule(AlignmentModule):
         **kwargs: see :class:`~lit_align.base.AlignmentModule` (its optimizer settings are checked there).
     """
 
+    paper: ClassVar[str] = (
+        "Bradley-Terry reward model: Ouyang et al. 2022 (Eq. 1); margin: Touvron et al. 2023 (Llama 2)."
+    )
+
     data_mode: ClassVar[str] = "pair"
     uses_reference: ClassVar[bool] = False
     lora_task_type: ClassVar[str] = "SEQ_CLS"

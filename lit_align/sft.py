@@ -25,6 +25,11 @@ class SFTModule(AlignmentModule):
         **kwargs: see :class:`~lit_align.base.AlignmentModule`.
     """
 
+    paper: ClassVar[str] = (
+        "Supervised fine-tuning as in Ouyang et al. 2022, *Training language models to follow instructions "
+        "with human feedback* (§3.5)."
+    )
+
     data_mode: ClassVar[str] = "text"
     uses_reference: ClassVar[bool] = False
     metric_names = ("loss", "mean_token_accuracy")

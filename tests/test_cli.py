@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -389,3 +390,30 @@ def test_a_signal_stops_training_with_a_checkpoint_and_an_export(hh_dir, tmp_pat
     step = torch.load(last, weights_only=True, mmap=True)["global_step"]
     assert 1 <= step < 1000 and f"stopped by {signal.Signals(signum).name} at step {step}" in stderr
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_export_validate_and_the_recorded_reference(hh_dir, two_step_dpo_run, tmp_path):
+    """`lit-align export` rebuilds the policy of a checkpoint (the fit's own export of the same step), with a model
+    card; validating the export compares it with the reference it was trained against, not with itself."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = sorted((two_step_dpo_run / "logs").rglob("epoch=*-step=2.ckpt"))[0]
+    result = lit_align("export", "--ckpt_path", str(checkpoint), "--export_dir", "exported", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    by_fit = AutoModelForCausalLM.from_pretrained(two_step_dpo_run / "first").state_dict()
+    assert exported.keys() == by_fit.keys() and all(torch.equal(exported[k], by_fit[k]) for k in exported)
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "`lit_align.DPOModule` from `tiny-llama` for 2 optimizer steps" in card and "Rafailov" in card
+    assert f"data_path: `{hh_dir}`" in card
+    metadata = json.loads((tmp_path / "exported" / "lit_align.json").read_text())
+    assert metadata["reference_model"] == "tiny-llama" and metadata["global_step"] == 2
+    assert "| loss | 0.6931 |" in (two_step_dpo_run / "first" / "README.md").read_text()  # the fit's card: metrics
+
+    args = ["--config", str(REPO / "configs/hh/dpo.yaml"), *tiny_overrides(hh_dir, tmp_path / "logs")]
+    against_recorded = lit_align("validate", *args, "--model.init_args.model", "exported", cwd=tmp_path)
+    assert against_recorded.returncode == 0, against_recorded.stderr[-3000:]
+    assert "reference model: tiny-llama (recorded in exported/lit_align.json" in against_recorded.stderr
+    assert "against itself" not in against_recorded.stderr
+    against_itself = lit_align("validate", *args, cwd=tmp_path)
+    assert "evaluating tiny-llama against itself" in against_itself.stderr

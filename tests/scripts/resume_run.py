@@ -30,7 +30,7 @@ from lit_align import (  # noqa: E402
     PPOModule,
     SFTModule,
 )
-from lit_align.ebm import PointwiseConstraint, WordFeature  # noqa: E402
+from lit_align.ebm import PointwiseConstraint, RegexFeature  # noqa: E402
 from lit_align.rewards import LexiconSentimentReward  # noqa: E402
 
 BATCHES_PER_EPOCH = 6
@@ -67,7 +67,7 @@ def build(case: str, hh_dir: str):
         module = GRPOModule(reward_funcs=[letter_count], num_generations=2, sampling=SAMPLING, **common)
         return module, hh_pairs(hh_dir, **pairs), []
     if case == "dm":
-        target = PointwiseConstraint({"e": WordFeature("the")})
+        target = PointwiseConstraint({"a vowel": RegexFeature("[aeiou]")})  # most samples: the weights vary
         module = DistributionMatchingModule(target, sampling=SAMPLING, **common)
         data = ControlledGenerationDataModule(num_train=24, num_val=4, batch_size=4, eval_batch_size=4, seed=0)
         return module, data, []
