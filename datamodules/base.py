@@ -94,6 +94,7 @@ class BenchmarkDataModule(LightningDataModule):
         data_path: str | None = None,
         train_split: str = "train",
         val_split: str | None = "test",
+        test_split: str | None = None,
         holdout: int = 0,
         limit_train: int | None = None,
         limit_val: int | None = None,
@@ -111,6 +112,8 @@ class BenchmarkDataModule(LightningDataModule):
             data_path: Hub dataset id, local directory or single file (default: the benchmark's Hub id).
             train_split: split (file stem / Hub split) used for training.
             val_split: split used for validation; ``None`` for none (unless ``holdout`` > 0).
+            test_split: split used by ``test`` (e.g. the dataset's test split when validation is a ``holdout``);
+                ``None``: ``test`` evaluates the validation set.
             holdout: if > 0, carve this many rows (seeded shuffle) out of the train split as the
                 validation set; it then replaces ``val_split``. Train and holdout are disjoint.
             limit_train: keep the first N train rows after a seeded shuffle (and after the holdout).
@@ -147,6 +150,7 @@ class BenchmarkDataModule(LightningDataModule):
         if self.data_path is None:
             raise ValueError(f"{type(self).__name__} needs data_path (a Hub id, local directory or file)")
         self.train_split, self.val_split, self.holdout = train_split, val_split, holdout
+        self.test_split = test_split
         self.limit_train, self.limit_val = limit_train, limit_val
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
@@ -319,6 +323,13 @@ class BenchmarkDataModule(LightningDataModule):
             val = (val if shuffled else self._seeded_shuffle(val))[: self.limit_val]
         return train, val
 
+    def _test_records(self) -> list[dict]:
+        """Native records of ``test_split`` (``limit_val`` applies after a seeded shuffle, as for validation)."""
+        records = self._parse(self.test_split, "test")
+        if self.limit_val is not None:
+            records = self._seeded_shuffle(records)[: self.limit_val]
+        return records
+
     def _seeded_shuffle(self, records: list[dict]) -> list[dict]:
         records = list(records)
         random.Random(self.seed).shuffle(records)
@@ -369,7 +380,8 @@ class BenchmarkDataModule(LightningDataModule):
         if self._built_key != key:
             train, val = self._native_records()
             datasets = {}
-            for role, records in (("train", train), ("val", val)):
+            test = self._test_records() if self.test_split is not None else None
+            for role, records in (("train", train), ("val", val), ("test", test)):
                 if records is None:
                     continue
                 derived = self._derive(records, mode, random.Random(self.seed))
@@ -382,11 +394,15 @@ class BenchmarkDataModule(LightningDataModule):
     def _role(self, split: str) -> str:
         if split not in _SPLIT_ALIASES:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_ALIASES)}")
+        if split == "test" and self.test_split is not None:
+            return "test"
         return _SPLIT_ALIASES[split]
 
     def has_split(self, split: str) -> bool:
-        """Whether ``split`` exists (train always; val with ``val_split`` or ``holdout``). Needs no ``attach``."""
-        return self._role(split) == "train" or self.holdout > 0 or self.val_split is not None
+        """Whether ``split`` exists (train always; val with ``val_split`` or ``holdout``; test with ``test_split``,
+        else as val). Needs no ``attach``."""
+        role = self._role(split)
+        return role in ("train", "test") or self.holdout > 0 or self.val_split is not None
 
     def dataset(self, split: str) -> TokenizedDataset:
         """The tokenized dataset of ``split`` ("train" or "val"/"validation"/"test"); item i has index i."""
@@ -409,7 +425,8 @@ class BenchmarkDataModule(LightningDataModule):
             data = self.dataset(split)
             items = [data[i] for i in range(min(size, len(data)))]
         else:
-            records = dict(zip(("train", "val"), self._native_records(), strict=True))[role]
+            train, val = self._native_records()
+            records = {"train": train, "val": val}.get(role) if role != "test" else self._test_records()
             if records is None:
                 raise ValueError(f"{type(self).__name__} has no {role} split (val_split=None and holdout=0)")
             derived = self._derive(records, mode, random.Random(self.seed))[:size]
@@ -487,4 +504,12 @@ class BenchmarkDataModule(LightningDataModule):
         return self._loader(self.dataset("val"), "val", False, self.eval_batch_size, drop_last_partial=False)
 
     def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+        """The ``test_split`` when one is set, else the validation set."""
+        if not self.has_split("test"):
+            return []
+        return self._loader(self.dataset("test"), "test", False, self.eval_batch_size, drop_last_partial=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts for ``lit-align predict``: the validation set, or the train split when there is none (in order)."""
+        split = "val" if self.has_split("val") else "train"
+        return self._loader(self.dataset(split), "predict", False, self.eval_batch_size, drop_last_partial=False)

@@ -9,6 +9,7 @@ One algorithm per subclass file (``dpo.py``, ``kto.py``, ...). Log-probs live in
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel, SchedulerType, get_scheduler
 
-from datamodules.keys import INDEX
+from datamodules.keys import INDEX, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.checkpointing import (
     MODULE_CLASS_KEY,
     RNG_STATES_KEY,
@@ -36,7 +37,11 @@ from lit_align.checkpointing import (
 )
 from lit_align.export import logged_metrics, read_metadata, write_model_card
 from lit_align.generation import (
+    Completions,
     SamplingSettings,
+    decode_responses,
+    ends_with_eos,
+    repeat_rows,
     sample_responses,
 )
 from lit_align.logprobs import SequenceLogps, sequence_logprobs
@@ -172,8 +177,8 @@ class AlignmentModule(L.LightningModule):
         its own ``mode=`` keeps that mode."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         attach = getattr(datamodule, "attach", None)
-        if callable(attach):
-            attach(self.tokenizer, self.data_mode)
+        if callable(attach):  # predict samples completions of prompts, whatever the module trains on
+            attach(self.tokenizer, "prompt" if stage == "predict" else self.data_mode)
         if stage == "fit" and self.hparams.export_dir:
             check_writable_directory(self.hparams.export_dir, "export_dir")  # before any model loads
         if stage in ("validate", "test") and self.uses_reference and self.reference_source() == self.hparams.model:
@@ -311,6 +316,60 @@ class AlignmentModule(L.LightningModule):
         synced = self.num_ranks > 1
         with gathered_weights(model) if self.hparams.gather_for_generation else nullcontext():
             return sample_responses(model, self.tokenizer, prompt_ids, prompt_mask, sampling, synced_gpus=synced)
+
+    def sample_completions(self, batch: dict, sampling: SamplingSettings, samples_per_prompt: int = 1) -> Completions:
+        """``samples_per_prompt`` completions per prompt of a ``prompt``-mode batch, sampled from the policy and
+        decoded: the rollout of PPO and GRPO and their evaluation. Rows are grouped by prompt and the batch's columns
+        are repeated to match (``Completions.batch``), so a reward reads each completion's own reference."""
+        k = samples_per_prompt
+        prompt_ids = batch[PROMPT_INPUT_IDS].repeat_interleave(k, dim=0)
+        prompt_mask = batch[PROMPT_ATTENTION_MASK].repeat_interleave(k, dim=0)
+        width = prompt_ids.shape[1]
+        sequences, attention_mask, response_mask = self.generate_responses(
+            self.policy, prompt_ids, prompt_mask, sampling
+        )
+        prompts, completions = decode_responses(self.tokenizer, sequences, width, response_mask)
+        has_eos = ends_with_eos(sequences[:, width:], response_mask, self.tokenizer.eos_token_id)
+        repeated = {key: repeat_rows(value, k) for key, value in batch.items()}
+        return Completions(sequences, attention_mask, response_mask, width, prompts, completions, has_eos, repeated)
+
+    # ---- prediction: ``lit-align predict`` writes completions of a prompt set as JSONL ------------------------
+
+    def prediction_sampling(self) -> SamplingSettings:
+        """How ``predict`` samples: the module's own ``sampling`` (PPO, GRPO, DM), else the defaults."""
+        return getattr(self, "sampling", None) or SamplingSettings()
+
+    def prediction_scores(self, sample: Completions) -> Tensor | None:
+        """Rewards of predicted completions; None for modules without a reward (DPO, KTO, SFT...)."""
+        return None
+
+    def predictions_path(self) -> Path:
+        """``<log dir>/predictions.jsonl`` (rank r > 0: ``predictions.rank<r>.jsonl``)."""
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        rank = self.trainer.global_rank
+        return directory / ("predictions.jsonl" if rank == 0 else f"predictions.rank{rank}.jsonl")
+
+    def on_predict_start(self) -> None:
+        path = self.predictions_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """One completion per prompt (``prediction_sampling``), with its reward when the module has one; appended to
+        ``predictions_path()`` as JSON lines ``{prompt, completion, reward?}`` and returned."""
+        sample = self.sample_completions(batch, self.prediction_sampling())
+        scores = self.prediction_scores(sample)
+        rows = [{"prompt": p, "completion": c} for p, c in zip(sample.prompts, sample.completions, strict=True)]
+        if scores is not None:
+            for row, score in zip(rows, scores.tolist(), strict=True):
+                row["reward"] = score
+        with self.predictions_path().open("a") as out:
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        return rows
+
+    def on_predict_end(self) -> None:
+        rank_zero_info(f"predictions written to {self.predictions_path()}")
 
     # ---- steps: each algorithm implements ``shared_step(batch, stage)`` ----------------------------------------
 

@@ -408,6 +408,10 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
             scores.append(column.cpu())
         return torch.stack(scores, dim=1).to(self.device)
 
+    def prediction_scores(self, sample: Completions) -> Tensor:
+        """The weighted sum of the reward functions for each predicted completion."""
+        return self.summed_rewards(self.score(sample))
+
     def summed_rewards(self, per_function: Tensor) -> Tensor:
         """``Σ_f w_f · r_f`` over ``[N, F]`` scores, a NaN (None) left out of the sum, as TRL's ``nansum``."""
         missing = per_function.isnan().all(dim=1)

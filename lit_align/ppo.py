@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_align.base import AlignmentModule
-from lit_align.generation import SamplingSettings
+from lit_align.generation import Completions, SamplingSettings
 from lit_align.logprobs import position_ids, response_logprobs
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean, masked_whiten
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
@@ -351,9 +351,7 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         generated = time.perf_counter()
 
         # 2. score
-        scores = check_reward_scores(
-            self.reward(sample.prompts, sample.completions, sample.batch), self.reward, sample.completions, sample.batch
-        ).to(self.device)
+        scores = self.prediction_scores(sample)
         scores = sample.penalise_missing_eos(scores, self.hparams.missing_eos_penalty)
         scored = time.perf_counter()
 
@@ -483,9 +481,7 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         over sampled tokens, a k1 estimate of KL(π‖π_ref)) and, once per epoch, ``drift/perplexity`` of the
         policy on held-out human text."""
         sample = self.sample_completions(batch, self.sampling)
-        scores = check_reward_scores(
-            self.reward(sample.prompts, sample.completions, sample.batch), self.reward, sample.completions, sample.batch
-        ).to(self.device)
+        scores = self.prediction_scores(sample)
         task_scores = (
             self.reward.task_scores(sample.prompts, sample.completions, sample.batch)
             if hasattr(self.reward, "task_scores")
@@ -495,6 +491,11 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         self.log_values(stage, values, batch_size=scores.shape[0])
         if batch_idx == 0:
             self.log_heldout_perplexity(stage, self.hparams.drift_texts)
+
+    def prediction_scores(self, sample: Completions) -> Tensor:
+        """The reward of each sampled completion (checked: one finite number each, blamed on the reward if not)."""
+        scores = self.reward(sample.prompts, sample.completions, sample.batch)
+        return check_reward_scores(scores, self.reward, sample.completions, sample.batch).to(self.device)
 
     # ---- state that must survive a checkpoint ------------------------------------------------------------------
 

@@ -16,8 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
-from lit_align.generation import Completions, SamplingSettings, decode_responses, ends_with_eos, repeat_rows
+from lit_align.generation import Completions
 from lit_align.logprobs import response_logprobs, token_logprobs
 from lit_align.metrics import diversity_scores
 
@@ -34,22 +33,6 @@ class RolloutMechanics:
         batch_size = getattr(datamodule, "batch_size", None)
         if stage == "fit" and isinstance(batch_size, int):
             self.check_rollout_split(batch_size, "the DataModule's batch_size")  # before any model loads
-
-    def sample_completions(self, batch: dict, sampling: SamplingSettings, samples_per_prompt: int = 1) -> Completions:
-        """``samples_per_prompt`` completions per prompt of a ``prompt``-mode batch, sampled from the policy and
-        decoded: the rollout of PPO and GRPO and their evaluation. Rows are grouped by prompt and the batch's columns
-        are repeated to match (``Completions.batch``), so a reward reads each completion's own reference."""
-        k = samples_per_prompt
-        prompt_ids = batch[PROMPT_INPUT_IDS].repeat_interleave(k, dim=0)
-        prompt_mask = batch[PROMPT_ATTENTION_MASK].repeat_interleave(k, dim=0)
-        width = prompt_ids.shape[1]
-        sequences, attention_mask, response_mask = self.generate_responses(
-            self.policy, prompt_ids, prompt_mask, sampling
-        )
-        prompts, completions = decode_responses(self.tokenizer, sequences, width, response_mask)
-        has_eos = ends_with_eos(sequences[:, width:], response_mask, self.tokenizer.eos_token_id)
-        repeated = {key: repeat_rows(value, k) for key, value in batch.items()}
-        return Completions(sequences, attention_mask, response_mask, width, prompts, completions, has_eos, repeated)
 
     # ---- evaluation: the alignment tax of fresh samples ------------------------------------------------------
 

@@ -417,3 +417,26 @@ def test_export_validate_and_the_recorded_reference(hh_dir, two_step_dpo_run, tm
     assert "against itself" not in against_recorded.stderr
     against_itself = lit_align("validate", *args, cwd=tmp_path)
     assert "evaluating tiny-llama against itself" in against_itself.stderr
+
+
+def test_predict_writes_completions_with_rewards_and_test_uses_the_test_split(hh_dir, tmp_path):
+    """`lit-align predict` samples one completion per prompt with the module's sampling settings and scores it with
+    the module's reward; `lit-align test` evaluates `test_split` when one is set."""
+    args = [
+        "--config", str(REPO / "configs/imdb/ppo.yaml"), *tiny_overrides(hh_dir, tmp_path),
+        "--data", "datamodules.HHDataModule", "--data.init_args.data_path", str(hh_dir),
+        "--data.init_args.limit_val", "6", "--data.init_args.eval_batch_size", "4",
+        "--model.init_args.sampling", "{max_new_tokens: 5}",
+    ]  # fmt: skip
+    result = lit_align("predict", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in next(tmp_path.rglob("predictions.jsonl")).read_text().splitlines()]
+    assert len(rows) == 6 and all(set(row) == {"prompt", "completion", "reward"} for row in rows)  # limit_val
+    assert all(isinstance(row["reward"], float) for row in rows) and len({row["prompt"] for row in rows}) > 1
+
+    tested = lit_align(
+        "test", "--config", str(REPO / "configs/hh/dpo.yaml"), *tiny_overrides(hh_dir, tmp_path / "t"),
+        "--data.init_args.test_split", "test", "--data.init_args.limit_val", "6", cwd=tmp_path,
+    )  # fmt: skip
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "HHDataModule: test (pair): 6 rows" in tested.stderr
