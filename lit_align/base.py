@@ -47,6 +47,7 @@ from lit_align.generation import (
 from lit_align.logprobs import SequenceLogps, sequence_logprobs
 from lit_align.metrics import StageMetrics
 from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
+from lit_align.reporting import log_completions_table
 from lit_align.strategies import full_state_dict, fully_shard_models, gathered_weights
 
 # schedules ``get_scheduler`` cannot build from (warm-up, total steps) alone, or that step on a monitored metric
@@ -332,6 +333,20 @@ class AlignmentModule(L.LightningModule):
         has_eos = ends_with_eos(sequences[:, width:], response_mask, self.tokenizer.eos_token_id)
         repeated = {key: repeat_rows(value, k) for key, value in batch.items()}
         return Completions(sequences, attention_mask, response_mask, width, prompts, completions, has_eos, repeated)
+
+    completions_logged: ClassVar[int] = 8  # rows of the completions table each validation logs
+
+    def log_completions(self, stage: str, prompts: list[str], completions: list[str], **columns: Tensor) -> None:
+        """A table of the first ``completions_logged`` (prompt, completion, reward...) rows at this step, for every
+        logger (``lit_align/reporting.py``: CSV → ``<log dir>/eval_completions.jsonl``, TensorBoard, W&B)."""
+        if self._trainer is None or self.trainer.sanity_checking and self.global_step > 0:
+            return
+        count = min(self.completions_logged, len(completions))
+        rows = [{"prompt": prompts[i], "completion": completions[i]} for i in range(count)]
+        for name, values in columns.items():
+            for row, value in zip(rows, values[:count].tolist(), strict=True):
+                row[name] = value
+        log_completions_table(self.trainer, self.metrics.log_name(stage, "completions"), rows, self.global_step)
 
     # ---- prediction: ``lit-align predict`` writes completions of a prompt set as JSONL ------------------------
 

@@ -40,7 +40,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
+from datamodules.keys import PROMPT, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
 from lit_align.generation import SamplingSettings, decode_responses
@@ -358,13 +358,13 @@ class DistributionMatchingModule(AlignmentModule):
     # ---- validation -------------------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluate(batch, "val")
+        self.evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluate(batch, "test")
+        self.evaluate(batch, "test", batch_idx)
 
     @torch.no_grad()
-    def evaluate(self, batch: dict, stage: str) -> None:
+    def evaluate(self, batch: dict, stage: str, batch_idx: int = 0) -> None:
         sequences, attention_mask, response_mask, width, completions = self.sample(self.policy, batch)
         values = self.target.feature_values(completions).to(self.device)
         log_pi = self.sequence_logprobs_of(self.policy, sequences, attention_mask, width, response_mask).double()
@@ -385,6 +385,9 @@ class DistributionMatchingModule(AlignmentModule):
             stats["dpg/kl_p_pi"] = importance_kl(log_target, log_pi, log_pi, log_z).float().reshape(1)
             stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_pi, log_pi, log_z).float().reshape(1)
         self.log_values(stage, stats, batch_size=len(completions))
+        if batch_idx == 0:
+            features = {name: values[:, i] for i, name in enumerate(self.target.feature_names)}
+            self.log_completions(stage, list(batch[PROMPT]), completions, log_target=log_target, **features)
 
     # ---- state that must survive a checkpoint --------------------------------------------------------------------
 

@@ -533,3 +533,4 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
         self.log_values(stage, values, batch_size=len(sample.completions))
         if batch_idx == 0:
             self.log_heldout_perplexity(stage, self.hparams.drift_texts)
+            self.log_completions(stage, sample.prompts, sample.completions, reward=values["reward"])

@@ -491,6 +491,7 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         self.log_values(stage, values, batch_size=scores.shape[0])
         if batch_idx == 0:
             self.log_heldout_perplexity(stage, self.hparams.drift_texts)
+            self.log_completions(stage, sample.prompts, sample.completions, reward=scores)
 
     def prediction_scores(self, sample: Completions) -> Tensor:
         """The reward of each sampled completion (checked: one finite number each, blamed on the reward if not)."""

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fit, hh_pairs
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks import ReferenceSync
+from lit_align import DPOModule, LoraSettings
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_run.py"
 # the cases CI runs; the rest run with -m slow
@@ -52,3 +57,25 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(
     initial_to_final = max_difference(full, torch.load(tmp_path / "full" / "start.pt", weights_only=True))
     assert initial_to_final > 1e-4  # the runs trained
     assert max_difference(full, after_resume) == 0.0
+
+
+def test_checkpoints_hold_only_what_cannot_be_rebuilt(hh_dir, tmp_path):
+    """No frozen reference (rebuilt from its source), under LoRA only the adapters; a callback that rewrites the
+    reference keeps it. Each checkpoint resumes (strict loading: the left-out weights are rebuilt)."""
+
+    def checkpoint_of(name: str, callbacks=(), **settings) -> dict:
+        saver = ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
+        fit(DPOModule(model="tiny-llama", **settings), hh_pairs(hh_dir), [*callbacks, saver], max_steps=1)
+        path = tmp_path / name / "last.ckpt"
+        resumed = DPOModule(model="tiny-llama", **settings)
+        fit(resumed, hh_pairs(hh_dir), [*callbacks, ModelCheckpoint(dirpath=tmp_path / name)], 2, ckpt_path=path)
+        return torch.load(path, weights_only=True)["state_dict"]
+
+    full = checkpoint_of("full")
+    assert full and all(key.startswith("policy.") for key in full)
+    lora = checkpoint_of("lora", lora=LoraSettings(r=4))
+    assert lora and all("lora_" in key for key in lora)
+    synced = checkpoint_of("synced", callbacks=[ReferenceSync(alpha=0.5, sync_every=1)])
+    assert any(key.startswith("reference.") for key in synced)
+    sizes = {name: sum(t.numel() for t in state.values()) for name, state in (("full", full), ("lora", lora))}
+    assert sizes["lora"] * 50 < sizes["full"]
