@@ -232,7 +232,8 @@ MODEL_IDS = [
         "lora-unknown-setting",
         lambda tmp: apply_lora(tiny_llama(), {"rank": 8}),
         ValueError,
-        r"lora: unknown settings \['rank'\]; valid: \['r', 'alpha', 'dropout', 'target_modules', 'lora_alpha', .*'use_dora'",
+        r"lora: unknown settings \['rank'\]; valid: \['r', 'alpha', 'dropout', 'target_modules', 'lora_alpha', "
+        r".*'use_dora'",
     ),
 ]
 

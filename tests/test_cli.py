@@ -440,3 +440,12 @@ def test_predict_writes_completions_with_rewards_and_test_uses_the_test_split(hh
     )  # fmt: skip
     assert tested.returncode == 0, tested.stderr[-3000:]
     assert "HHDataModule: test (pair): 6 rows" in tested.stderr
+
+
+def test_help_lists_no_optimizer_options_the_modules_ignore(tmp_path):
+    """Modules build AdamW and their schedule from their own arguments: LightningCLI's --optimizer/--lr_scheduler
+    would be silently ignored, so they are not offered."""
+    result = lit_align("fit", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "--trainer.max_steps" in result.stdout
+    assert "--optimizer" not in result.stdout and "--lr_scheduler" not in result.stdout
+    assert "--checkpoint.every_n_train_steps" in result.stdout

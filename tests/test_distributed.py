@@ -83,6 +83,10 @@ def test_fsdp2_training_and_export_match_a_single_process(tmp_path, hh_dir):
     weights_two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     initial = tiny_llama(0).state_dict()  # the module's starting weights (model="tiny-llama", seed 0)
     assert initial.keys() <= weights_one.keys() <= weights_two.keys()
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "two" / "model.safetensors", "pt") as stored:  # the tied head is not written twice
+        assert "lm_head.weight" not in stored.keys() and "model.embed_tokens.weight" in stored.keys()
     # the exported policy moved, and by the same update as one process (relative, as for every distributed test:
     # an elementwise 1e-5 check failed on Adam's sign-like first steps flipping tiny-gradient elements by ~lr)
     assert sum(float((weights_one[k] - v).abs().sum()) for k, v in initial.items()) > 0
