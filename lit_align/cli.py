@@ -38,7 +38,11 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-class CheckpointPathError(ValueError):
+class CLIError(ValueError):
+    """A command line the CLI refuses before training (printed as ``lit-align: error: ...``, exit status 2)."""
+
+
+class CheckpointPathError(CLIError):
     """``--ckpt_path`` names no file, a checkpoint of another module class, or a file that is not a checkpoint."""
 
 
@@ -53,6 +57,27 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # last.ckpt as a link to the newest checkpoint: never behind it, no second copy on disk
         parser.set_defaults({"checkpoint.save_last": "link"})
+
+    def before_instantiate_classes(self) -> None:
+        """One gradient-accumulation knob for every module: ``--trainer.accumulate_grad_batches N`` becomes
+        ``gradient_accumulation_steps`` of the modules that step their optimizer themselves (PPO, GRPO: Lightning
+        refuses accumulation under manual optimization)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is None or not isinstance(config.get("model"), Namespace):
+            return
+        accumulate = (config.get("trainer") or Namespace()).get("accumulate_grad_batches") or 1
+        class_path = config.model.get("class_path") or ""
+        if accumulate == 1 or not class_path.endswith(("PPOModule", "GRPOModule")):
+            return
+        given = config.model.init_args.get("gradient_accumulation_steps", 1)
+        if given not in (1, accumulate):
+            raise CLIError(
+                f"--trainer.accumulate_grad_batches {accumulate} and --model.init_args.gradient_accumulation_steps "
+                f"{given} disagree; set one"
+            )
+        config.model.init_args.gradient_accumulation_steps = accumulate
+        config.trainer.accumulate_grad_batches = 1
+        rank_zero_info(f"{class_path}: accumulating gradients over {accumulate} micro-batches per minibatch step")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Drop the ``--checkpoint`` callback when checkpointing is off or the config lists a ModelCheckpoint."""
@@ -197,7 +222,7 @@ def main(args: list[str] | None = None) -> None:
             export_command(args[1:])
         else:
             run_cli(defaults, args)
-    except CheckpointPathError as err:
+    except CLIError as err:
         print(f"lit-align: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -449,3 +449,21 @@ def test_help_lists_no_optimizer_options_the_modules_ignore(tmp_path):
     assert result.returncode == 0 and "--trainer.max_steps" in result.stdout
     assert "--optimizer" not in result.stdout and "--lr_scheduler" not in result.stdout
     assert "--checkpoint.every_n_train_steps" in result.stdout
+
+
+def test_trainer_gradient_accumulation_reaches_the_manual_optimization_modules(hh_dir, tmp_path, monkeypatch):
+    """`--trainer.accumulate_grad_batches` is the one knob: PPO/GRPO (manual optimization, which Lightning refuses
+    to accumulate for) get it as their `gradient_accumulation_steps`."""
+    from datamodules.base import BenchmarkDataModule
+    from lit_align.base import AlignmentModule
+    from lit_align.cli import TRAINER_DEFAULTS_FILE, AlignCLI
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(REPO / "configs/imdb/ppo.yaml"), *tiny_overrides(hh_dir, tmp_path)]
+    args += ["--data", "datamodules.HHDataModule", "--data.init_args.data_path", str(hh_dir)]
+    cli = AlignCLI(
+        AlignmentModule, BenchmarkDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        parser_kwargs={"default_config_files": [str(TRAINER_DEFAULTS_FILE)]},
+        args=[*args[1:], "--trainer.accumulate_grad_batches", "2"],
+    )  # fmt: skip
+    assert cli.model.hparams.gradient_accumulation_steps == 2 and cli.trainer.accumulate_grad_batches == 1
