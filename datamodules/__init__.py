@@ -39,6 +39,7 @@ from datamodules.multi30k import PivotTranslationDataModule
 from datamodules.readers import DataValidationError, SkipRow
 from datamodules.stackexchange import StackExchangeDataModule
 from datamodules.tldr import TLDRDataModule
+from datamodules.trl_formats import TRLFormatDataModule
 from datamodules.ultrafeedback import UltraFeedbackDataModule
 
 __all__ = [
@@ -76,5 +77,6 @@ __all__ = [
     "SkipRow",
     "StackExchangeDataModule",
     "TLDRDataModule",
+    "TRLFormatDataModule",
     "UltraFeedbackDataModule",
 ]

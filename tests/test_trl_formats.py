@@ -1,0 +1,127 @@
+"""TRLFormatDataModule: each of TRL's dataset formats, standard and conversational, from a local file written here,
+trains the modules that use it for a few steps on tiny-llama; chat templates give completion masks that cover
+exactly the assistant turn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import fit
+
+from datamodules import TRLFormatDataModule
+from datamodules.keys import COMPLETION_MASK, INPUT_IDS
+from datamodules.readers import DataValidationError
+from lit_align import DPOModule, GRPOModule, KTOModule, SFTModule
+from lit_align.models import load_tokenizer, tiny_llama
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+QUESTIONS = [f"What is {a} plus {b}?" for a in range(4) for b in range(2)]
+STANDARD = {
+    "text": [{"text": f"{q} It is a number."} for q in QUESTIONS],
+    "prompt-only": [{"prompt": q} for q in QUESTIONS],
+    "prompt-completion": [{"prompt": q, "completion": " It is small."} for q in QUESTIONS],
+    "preference": [{"prompt": q, "chosen": " Small.", "rejected": " Large."} for q in QUESTIONS],
+    "implicit": [{"chosen": f"{q} Small.", "rejected": f"{q} Large."} for q in QUESTIONS],
+    "unpaired": [{"prompt": q, "completion": " Small.", "label": i % 2 == 0} for i, q in enumerate(QUESTIONS)],
+}
+CONVERSATIONAL = {
+    "text": [{"messages": user(q) + assistant("A number.")} for q in QUESTIONS],
+    "prompt-only": [{"prompt": user(q)} for q in QUESTIONS],
+    "prompt-completion": [{"prompt": user(q), "completion": assistant("Small.")} for q in QUESTIONS],
+    "preference": [
+        {"prompt": user(q), "chosen": assistant("Small."), "rejected": assistant("Big.")} for q in QUESTIONS
+    ],
+    "implicit": [{"chosen": user(q) + assistant("Small."), "rejected": user(q) + assistant("Big.")} for q in QUESTIONS],
+    "unpaired": [
+        {"prompt": user(q), "completion": assistant("Small."), "label": i % 2 == 0} for i, q in enumerate(QUESTIONS)
+    ],
+}
+FORMAT_NAMES = {
+    "text": "language modelling",
+    "prompt-only": "prompt-only",
+    "prompt-completion": "prompt-completion",
+    "preference": "preference (explicit prompt)",
+    "implicit": "preference (implicit prompt)",
+    "unpaired": "unpaired preference",
+}
+MODULES = {  # format → the module trained on it
+    "text": lambda: SFTModule(model="tiny-llama", learning_rate=1e-3),
+    "prompt-completion": lambda: SFTModule(model="tiny-llama", learning_rate=1e-3),
+    "preference": lambda: DPOModule(model="tiny-llama", learning_rate=1e-3),
+    "implicit": lambda: KTOModule(model="tiny-llama", learning_rate=1e-3),  # pairs → unpaired rows
+    "unpaired": lambda: KTOModule(model="tiny-llama", learning_rate=1e-3),
+    "prompt-only": lambda: GRPOModule(
+        model="tiny-llama",
+        reward_funcs=[lambda prompts, completions, **kw: [float(len(c)) for c in completions]],
+        num_generations=2,
+        sampling={"max_new_tokens": 4},
+        learning_rate=1e-3,
+    ),  # fmt: skip
+}
+
+
+def write(tmp_path, rows: list[dict], name: str = "train.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("style", ["standard", "conversational"])
+@pytest.mark.parametrize("data_format", sorted(MODULES))
+def test_each_format_trains_its_module(tmp_path, style, data_format):
+    rows = (STANDARD if style == "standard" else CONVERSATIONAL)[data_format]
+    data = TRLFormatDataModule(str(write(tmp_path, rows)), batch_size=4, max_length=64, max_prompt_length=48)
+    module = MODULES[data_format]()
+    trainer = fit(module, data, max_steps=2 * module.optimizer_steps_per_batch())
+    assert trainer.global_step == 2 * module.optimizer_steps_per_batch()
+    initial = tiny_llama(0).state_dict()
+    trained = module.policy.state_dict()
+    assert max(float((trained[k] - v).abs().max()) for k, v in initial.items()) > 0  # the policy trained
+    assert data.format == FORMAT_NAMES[data_format]
+
+
+def test_the_completion_mask_covers_exactly_the_assistant_turn_of_the_chat_template(tmp_path):
+    tokenizer = load_tokenizer("tiny-llama")  # SmolLM2's tokenizer and chat template
+    rows = [{"prompt": user("Hi there"), "completion": assistant("Hello, friend.")}]
+    data = TRLFormatDataModule(str(write(tmp_path, rows)), batch_size=1).attach(tokenizer, "text")
+    batch = next(iter(data.dataloader("train")))
+    ids, mask = batch[INPUT_IDS][0], batch[COMPLETION_MASK][0].bool()
+    full = tokenizer.apply_chat_template(user("Hi there") + assistant("Hello, friend."), tokenize=False)
+    prompt = tokenizer.apply_chat_template(user("Hi there"), tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids[mask]) == full[len(prompt) :].rstrip("\n")  # the answer and its end-of-turn token
+    assert tokenizer.decode(ids[mask]).endswith(tokenizer.eos_token) and "Hello, friend." in tokenizer.decode(ids[mask])
+    assert tokenizer.decode(ids[~mask & batch["attention_mask"][0].bool()]) == prompt
+
+
+def test_implicit_prompts_are_the_shared_start():
+    split = TRLFormatDataModule.implicit_prompt("Q: two? A: 2", "Q: two? A: 3", "row 1")
+    assert split == {"prompt": "Q: two? A:", "chosen": " 2", "rejected": " 3"}
+    turns = TRLFormatDataModule.implicit_prompt(user("q") + assistant("a"), user("q") + assistant("b"), "row 1")
+    assert turns == {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b")}
+
+
+def test_column_mapping_and_bad_rows(tmp_path):
+    tokenizer = load_tokenizer("tiny-llama")
+    rows = [{"question": "q?", "response_j": " yes", "response_k": " no"}]
+    mapped = TRLFormatDataModule(
+        str(write(tmp_path, rows)), columns={"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    ).attach(tokenizer, "pair")
+    assert mapped.dataset("train").records[0] == {"prompt": "q?", "chosen": " yes", "rejected": " no"}
+    cases = {
+        "unknown columns": ([{"question": "q", "answer": "a"}], r"row 1: columns \['answer', 'question'\] match none"),
+        "mixed formats": ([{"prompt": "a"}, {"prompt": "b", "completion": "c"}], "row 2: a prompt-completion row in"),
+        "label not a bool": ([{"prompt": "a", "completion": "b", "label": "yes"}], "field 'label': expected a bool"),
+    }
+    for name, (bad_rows, message) in cases.items():
+        data = TRLFormatDataModule(str(write(tmp_path, bad_rows, f"{name}.jsonl"))).attach(tokenizer, "text")
+        with pytest.raises(DataValidationError, match=message):
+            data.dataset("train")
