@@ -215,11 +215,11 @@ def export_command(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = sys.argv[1:] if args is None else args
+    words = sys.argv[1:] if args is None else args
     defaults = [str(TRAINER_DEFAULTS_FILE)] if TRAINER_DEFAULTS_FILE.is_file() else []
     try:
-        if args[:1] == ["export"]:
-            export_command(args[1:])
+        if words[:1] == ["export"]:
+            export_command(words[1:])
         else:
             run_cli(defaults, args)
     except CLIError as err:
