@@ -452,8 +452,8 @@ class BenchmarkDataModule(LightningDataModule):
         self, data: TokenizedDataset, role: str, shuffle: bool, size: int, drop_last_partial: bool
     ) -> DataLoader:
         drop_last = False
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
         if data.mode == "unpaired":
-            world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
             per_rank = -(-len(data) // world)  # DistributedSampler pads every rank to ceil(n / world)
             remainder = per_rank % size
             if drop_last_partial or remainder == 1:
@@ -473,7 +473,6 @@ class BenchmarkDataModule(LightningDataModule):
             # Lightning's own distributed sampler always shuffles training data; ours honours ``shuffle`` and
             # ``seed``, seeds each epoch's order by seed + epoch (Lightning calls ``set_epoch``) and resumes
             # mid-epoch from a checkpoint (datamodules/sampling.py)
-            world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
             rank = self.trainer.global_rank if world > 1 else 0
             sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
             return ResumableDataLoader(
