@@ -291,7 +291,7 @@ def trl_records(args: argparse.Namespace, datamodule, batches: list[dict], token
         for index in batch["index"].tolist():
             record = data.records[index]
             if args.trl_prompts == "truncated":
-                prompt = tokenizer.decode(data.items[index]["prompt_ids"])
+                prompt = tokenizer.decode(data[index]["prompt_ids"])
             else:
                 prompt = record["prompt"]
             rows.append({"prompt": prompt, "chosen": record["chosen"], "rejected": record["rejected"]})
@@ -307,7 +307,7 @@ def token_parity(args: argparse.Namespace, trl_dataset, datamodule, batches: lis
     same = {"chosen": 0, "rejected": 0, "prompt": 0}
     examples = []
     for row, index in enumerate(order):
-        ours, theirs = data.items[index], trl_dataset[row]
+        ours, theirs = data[index], trl_dataset[row]
         same["prompt"] += theirs["prompt_ids"] == ours["prompt_ids"]
         for side in ("chosen", "rejected"):
             mine = ours["prompt_ids"] + ours[f"{side}_ids"]

@@ -17,6 +17,9 @@ text       ``{text}`` or ``{prompt, completion}``  ``{prompt, completion=chosen}
 
 Lifecycle (the *attach contract*):
 
+0. ``prepare_data`` — under a Trainer, ``AlignmentModule.prepare_data`` attaches (step 2) and calls
+   ``prepare_tokenized(stage)`` on one process per node while the others wait: the splits the stage reads are
+   tokenized into the on-disk cache once, and every rank loads them at step 3.
 1. ``setup(stage)`` — Lightning calls it *before* ``LightningModule.setup``. It reads and validates the raw rows of
    both splits and builds the native records (holdout, limits, skips); no tokenizer is needed, so bad data fails
    here, before any model is built. Benchmarks whose records depend on the tokenizer (``parse_needs_tokenizer``: a
@@ -24,10 +27,11 @@ Lifecycle (the *attach contract*):
 2. ``attach(tokenizer, data_mode)`` — the one explicit hand-off from the module (``AlignmentModule.setup`` calls
    ``trainer.datamodule.attach(self.tokenizer, self.data_mode)``; without a Trainer, call it yourself). The
    DataModule's own ``mode=`` argument wins over the attached ``data_mode``.
-3. First use (``dataset``, ``dataloader``, ``probe_batch``, ``train_dataloader``, …) derives the mode's records and
-   tokenizes both splits (``datamodules/collation.py``), once per (tokenizer, mode): repeated calls, and re-attaching
-   the same tokenizer and mode, reuse the datasets. Using a DataModule that was never attached raises
-   ``NotAttachedError``.
+3. First use of a split (``dataset``, ``dataloader``, ``probe_batch``, ``train_dataloader``, …) derives the mode's
+   records and tokenizes that split with ``datasets.map`` (``datamodules/collation.py``), or loads it from the
+   cache when the same texts were tokenized with the same tokenizer and settings before (``cache_tokenized``,
+   ``cache_dir``); once per (tokenizer, mode): repeated calls, and re-attaching the same tokenizer and mode, reuse
+   the datasets. Using a DataModule that was never attached raises ``NotAttachedError``.
 
 Tokenization and truncation are described in ``datamodules/collation.py``. Truncated rows are counted per split in
 ``truncation_stats``; skipped rows in ``skip_stats``; rows dropped to avoid size-1 unpaired batches in
@@ -38,17 +42,19 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import datasets
 import torch
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from datamodules.collation import Collator, TokenizedDataset, tokenize_records
+from datamodules.collation import Collator, TokenizedDataset, default_cache_dir, tokenize_records
 from datamodules.keys import (
     CHOSEN,
     COMPLETION,
@@ -106,6 +112,9 @@ class BenchmarkDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        num_proc: int | None = None,
+        cache_tokenized: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -127,6 +136,11 @@ class BenchmarkDataModule(LightningDataModule):
             num_workers: DataLoader workers.
             seed: seed of every shuffle here (holdout, limits, unpaired order, train loader).
             shuffle: shuffle the train loader.
+            num_proc: processes ``datasets.map`` tokenizes with (``None``: this process only).
+            cache_tokenized: keep tokenized splits on disk, keyed by their texts, the tokenizer and the truncation
+                settings; a later run (and every other rank) loads them instead of tokenizing again. Off when
+                ``datasets.disable_caching()`` was called.
+            cache_dir: where; default ``<HF_DATASETS_CACHE>/lit_align_tokenized``.
         """
         super().__init__()
         self.save_hyperparameters()  # in checkpoints: an exported policy's model card names its data
@@ -155,6 +169,9 @@ class BenchmarkDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.mode, self.num_workers, self.seed, self.shuffle = mode, num_workers, seed, shuffle
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1 (or None), got {num_proc}")
+        self.num_proc, self.cache_tokenized, self.cache_dir = num_proc, cache_tokenized, cache_dir
         self._tokenizer: Any = None
         self._attached_mode: str | None = None
         self._raw_cache: dict[str, list[RawRow]] = {}
@@ -165,6 +182,7 @@ class BenchmarkDataModule(LightningDataModule):
         self.truncation_stats: dict[str, dict[str, int]] = {}
         self.skip_stats: dict[str, Counter] = {}
         self.dropped_rows: dict[str, int] = {}
+        self.tokenization_log: list[tuple[str, str, int, float]] = []  # (role, "tokenized"/"cache", rows, seconds)
 
     # ---- what subclasses provide ----
 
@@ -363,31 +381,64 @@ class BenchmarkDataModule(LightningDataModule):
         tokenizer = self.tokenizer  # attach() also set a mode: the datamodule's mode= or the attached one
         return tokenizer, self.data_mode
 
-    def _tokenize(self, records: list[dict], mode: str, role: str) -> tuple[TokenizedDataset, dict[str, int]]:
-        data, stats = tokenize_records(records, mode, self.tokenizer, self.max_length, self.max_prompt_length)
+    def tokenized_cache_dir(self) -> str | None:
+        """Where tokenized splits are cached, or ``None`` when caching is off."""
+        if not self.cache_tokenized or not datasets.is_caching_enabled():
+            return None
+        return self.cache_dir or default_cache_dir()
+
+    def _tokenize(
+        self, records: list[dict], mode: str, role: str, cache: bool = True
+    ) -> tuple[TokenizedDataset, dict[str, int]]:
+        started = time.perf_counter()
+        data, stats = tokenize_records(
+            records,
+            mode,
+            self.tokenizer,
+            self.max_length,
+            self.max_prompt_length,
+            cache_dir=self.tokenized_cache_dir() if cache else None,
+            num_proc=self.num_proc,
+        )
+        self.tokenization_log.append((role, data.source, len(data), time.perf_counter() - started))
+        how = "loaded from the tokenized cache" if data.source == "cache" else "tokenized"
         rank_zero_info(
-            f"{type(self).__name__}: {role} ({mode}): {stats['rows']} rows, {stats['prompt_truncated']} "
+            f"{type(self).__name__}: {role} ({mode}, {how}): {stats['rows']} rows, {stats['prompt_truncated']} "
             f"prompt-truncated (> {self.max_prompt_length} tokens, tail kept), "
             f"{stats['completion_truncated']} "
             f"completion-truncated (prompt + completion > {self.max_length} tokens, head kept)"
         )
         return data, stats
 
-    def _build(self) -> dict[str, TokenizedDataset]:
-        """The tokenized datasets for the attached (tokenizer, mode), built on first use and then reused."""
+    def _built(self, role: str) -> TokenizedDataset | None:
+        """The tokenized dataset of ``role`` for the attached (tokenizer, mode): built (or loaded from the cache) on
+        first use and then reused; ``None`` when the DataModule has no such split."""
         tokenizer, mode = self._resolve()
-        key = (id(tokenizer), mode)
-        if self._built_key != key:
-            train, val = self._native_records()
-            datasets = {}
-            test = self._test_records() if self.test_split is not None else None
-            for role, records in (("train", train), ("val", val), ("test", test)):
-                if records is None:
-                    continue
-                derived = self._derive(records, mode, random.Random(self.seed))
-                datasets[role], self.truncation_stats[role] = self._tokenize(derived, mode, role)
-            self._datasets, self._built_key = datasets, key
-        return self._datasets
+        if self._built_key != (id(tokenizer), mode):
+            self._datasets, self._built_key = {}, (id(tokenizer), mode)
+        if role not in self._datasets:
+            if role == "test":
+                records = self._test_records() if self.test_split is not None else None
+            else:
+                records = dict(zip(("train", "val"), self._native_records(), strict=True))[role]
+            if records is None:
+                return None
+            derived = self._derive(records, mode, random.Random(self.seed))
+            self._datasets[role], self.truncation_stats[role] = self._tokenize(derived, mode, role)
+        return self._datasets[role]
+
+    def prepare_tokenized(self, stage: str = "fit") -> None:
+        """Tokenize the splits ``stage`` reads into the on-disk cache (nothing when caching is off).
+
+        ``AlignmentModule.prepare_data`` calls it after attaching: Lightning runs that on one process per node
+        while the others wait, so a multi-process run tokenizes once and every rank then loads the cache.
+        """
+        if self.tokenized_cache_dir() is None:
+            return
+        splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": [self.predict_split()]}
+        for split in splits.get(stage, []):
+            if self.has_split(split):
+                self._built(self._role(split))
 
     # ---- accessors and loaders ----
 
@@ -407,10 +458,10 @@ class BenchmarkDataModule(LightningDataModule):
     def dataset(self, split: str) -> TokenizedDataset:
         """The tokenized dataset of ``split`` ("train" or "val"/"validation"/"test"); item i has index i."""
         role = self._role(split)
-        datasets = self._build()
-        if role not in datasets:
+        data = self._built(role)
+        if data is None:
             raise ValueError(f"{type(self).__name__} has no {role} split (val_split=None and holdout=0)")
-        return datasets[role]
+        return data
 
     def probe_batch(self, split: str, mode: str, size: int) -> dict[str, Any]:
         """The first ``size`` rows of ``split`` in data mode ``mode``, tokenized and collated into one batch.
@@ -430,7 +481,7 @@ class BenchmarkDataModule(LightningDataModule):
             if records is None:
                 raise ValueError(f"{type(self).__name__} has no {role} split (val_split=None and holdout=0)")
             derived = self._derive(records, mode, random.Random(self.seed))[:size]
-            data, _ = self._tokenize(derived, mode, role)  # the probe's truncation is not the split's
+            data, _ = self._tokenize(derived, mode, role, cache=False)  # the probe's truncation is not the split's
             items = [data[i] for i in range(len(data))]
         if not items:
             raise ValueError(f"{type(self).__name__}: split {split!r} is empty; no probe batch")
@@ -510,5 +561,9 @@ class BenchmarkDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts for ``lit-align predict``: the validation set, or the train split when there is none (in order)."""
-        split = "val" if self.has_split("val") else "train"
-        return self._loader(self.dataset(split), "predict", False, self.eval_batch_size, drop_last_partial=False)
+        data = self.dataset(self.predict_split())
+        return self._loader(data, "predict", False, self.eval_batch_size, drop_last_partial=False)
+
+    def predict_split(self) -> str:
+        """The split ``lit-align predict`` reads: the validation set, or the train split when there is none."""
+        return "val" if self.has_split("val") else "train"

@@ -18,11 +18,18 @@ No file reading, no Lightning: this module only needs a tokenizer and the record
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
+import shutil
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import datasets
 import torch
 import torch.nn.functional as F
+from datasets.fingerprint import Hasher
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
@@ -58,67 +65,160 @@ from datamodules.keys import (
 class TokenizedDataset(Dataset):
     """Tokenized examples of one split in one mode; item ``i`` carries ``index = i``.
 
-    ``records`` holds the canonical records (before tokenization) in the same order.
+    ``records`` holds the canonical records (before tokenization) in the same order; ``table`` is the
+    ``datasets.Dataset`` of their token ids (``prompt_ids`` and ``<field>_ids``), memory-mapped when it came from
+    the on-disk cache. ``source`` says which: ``"tokenized"`` or ``"cache"``.
     """
 
-    def __init__(self, items: list[dict], records: list[dict], mode: str) -> None:
-        self.items, self.records, self.mode = items, records, mode
+    def __init__(self, table: datasets.Dataset, records: list[dict], mode: str, source: str = "tokenized") -> None:
+        self.table, self.records, self.mode, self.source = table, records, mode, source
+        self.token_columns = [c for c in table.column_names if c.endswith("_ids")]
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
+
+    def _item(self, i: int, tokens: dict[str, list[int]]) -> dict:
+        record = self.records[i]
+        item = {**record, **tokens, INDEX: i}
+        if self.mode == "text" and TEXT not in record:
+            item[TEXT] = record[PROMPT] + record[COMPLETION]
+        return item
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.items[i], INDEX: i}
+        return self._item(i, self.table.select_columns(self.token_columns)[i])
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch in one Arrow read (the DataLoader's batched fetch)."""
+        columns = self.table.select_columns(self.token_columns)[indices]
+        return [self._item(i, {c: columns[c][k] for c in self.token_columns}) for k, i in enumerate(indices)]
 
 
 # ---- tokenization and truncation --------------------------------------------------------------------------
 
+# Bump when what ``tokenize_columns`` computes changes: old cache entries then stop matching.
+TOKENIZATION_VERSION = 1
+_FIELDS = {"pair": (CHOSEN, REJECTED), "unpaired": (COMPLETION,), "text": (COMPLETION,)}
 
-def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+def texts_to_tokenize(records: list[dict], mode: str) -> dict[str, list[str]]:
+    """The string columns tokenization reads: ``{text}`` for text records, else the prompt and the mode's
+    completion fields."""
+    if mode == "text" and TEXT in records[0]:
+        return {TEXT: [r[TEXT] for r in records]}
+    return {key: [r[key] for r in records] for key in (PROMPT, *_FIELDS.get(mode, ()))}
+
+
+def tokenize_columns(
+    batch: dict[str, list[str]], tokenizer: Any, max_length: int, max_prompt_length: int
+) -> dict[str, list]:
+    """The ``datasets.map`` function (batched): token ids per column, truncated, with per-row truncation flags."""
+    eos = tokenizer.eos_token_id
+    if TEXT in batch:
+        ids = [row + [eos] for row in tokenizer(batch[TEXT], add_special_tokens=False)["input_ids"]]
+        return {
+            "prompt_ids": [[] for _ in ids],
+            "completion_ids": [row[:max_length] for row in ids],
+            "prompt_truncated": [False] * len(ids),
+            "completion_truncated": [len(row) > max_length for row in ids],
+        }
+    prompts = tokenizer(batch[PROMPT], add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {
+        "prompt_ids": [row[len(row) - max_prompt_length :] if len(row) > max_prompt_length else row for row in prompts],
+        "prompt_truncated": [len(row) > max_prompt_length for row in prompts],
+        "completion_truncated": [False] * len(prompts),
+    }
+    for field in (key for key in batch if key != PROMPT):
+        cut = out["completion_truncated"]
+        rows = []
+        for i, row in enumerate(tokenizer(batch[field], add_special_tokens=False)["input_ids"]):
+            budget = max_length - len(out["prompt_ids"][i])
+            row = row + [eos]
+            cut[i] = cut[i] or len(row) > budget
+            rows.append(row[:budget])
+        out[f"{field}_ids"] = rows
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides the token ids: the full tokenizer definition and its EOS."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else Hasher.hash(tokenizer)
+    return hashlib.blake2b(f"{type(tokenizer).__name__}|{tokenizer.eos_token_id}|{definition}".encode()).hexdigest()
+
+
+def tokenization_key(
+    texts: dict[str, list[str]], mode: str, tokenizer: Any, max_length: int, max_prompt_length: int
+) -> str:
+    """The cache key: the texts, the mode, the tokenizer and the truncation settings (and the code's version)."""
+    digest = hashlib.blake2b(digest_size=20)
+    settings = (TOKENIZATION_VERSION, mode, max_length, max_prompt_length, tokenizer_fingerprint(tokenizer))
+    digest.update(repr(settings).encode())
+    for name, values in texts.items():
+        digest.update(name.encode())
+        digest.update(pickle.dumps(values, protocol=5))
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> str:
+    """``<the datasets cache>/lit_align_tokenized`` (``HF_DATASETS_CACHE``, else ``~/.cache/huggingface/datasets``)."""
+    return os.path.join(str(datasets.config.HF_DATASETS_CACHE), "lit_align_tokenized")
 
 
 def tokenize_records(
-    records: list[dict], mode: str, tokenizer: Any, max_length: int, max_prompt_length: int
+    records: list[dict],
+    mode: str,
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int,
+    cache_dir: str | None = None,
+    num_proc: int | None = None,
 ) -> tuple[TokenizedDataset, dict[str, int]]:
-    """Tokenize and truncate ``records`` of data mode ``mode``.
+    """Tokenize and truncate ``records`` of data mode ``mode`` with ``datasets.map`` (batched, ``num_proc``).
 
-    Returns the dataset and its truncation stats ``{rows, prompt_truncated, completion_truncated}``.
+    With a ``cache_dir`` the result is saved there under ``tokenization_key`` and later calls with the same texts,
+    tokenizer and settings load it (memory-mapped) instead of tokenizing again. Returns the dataset and its
+    truncation stats ``{rows, prompt_truncated, completion_truncated}``.
     """
-    eos = tokenizer.eos_token_id
-    stats = {"rows": len(records), "prompt_truncated": 0, "completion_truncated": 0}
-    items: list[dict] = []
-    if mode == "text" and TEXT in records[0]:
-        texts = [r[TEXT] for r in records]
-        for text, ids in zip(texts, _encode(tokenizer, texts), strict=True):
-            ids = ids + [eos]
-            if len(ids) > max_length:
-                ids = ids[:max_length]
-                stats["completion_truncated"] += 1
-            items.append({"prompt_ids": [], "completion_ids": ids, TEXT: text})
+    texts = texts_to_tokenize(records, mode)
+    key = tokenization_key(texts, mode, tokenizer, max_length, max_prompt_length)
+    path = os.path.join(cache_dir, key) if cache_dir is not None else None
+    if path is not None and os.path.isdir(path):
+        table, source = datasets.load_from_disk(path), "cache"
     else:
-        prompts = _encode(tokenizer, [r[PROMPT] for r in records])
-        for i, ids in enumerate(prompts):
-            if len(ids) > max_prompt_length:
-                prompts[i] = ids[len(ids) - max_prompt_length :]
-                stats["prompt_truncated"] += 1
-        fields = {"pair": (CHOSEN, REJECTED), "unpaired": (COMPLETION,), "text": (COMPLETION,)}.get(mode, ())
-        encoded = {f: _encode(tokenizer, [r[f] for r in records]) for f in fields}
-        for i, (record, prompt_ids) in enumerate(zip(records, prompts, strict=True)):
-            item = {"prompt_ids": prompt_ids, **record}
-            budget = max_length - len(prompt_ids)
-            cut = False
-            for f in fields:
-                ids = encoded[f][i] + [eos]
-                cut |= len(ids) > budget
-                item[f"{f}_ids"] = ids[:budget]
-            stats["completion_truncated"] += cut
-            if mode == "text":
-                item[TEXT] = record[PROMPT] + record[COMPLETION]
-            items.append(item)
-    return TokenizedDataset(items, records, mode), stats
+        table = datasets.Dataset.from_dict(texts).map(
+            tokenize_columns,
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc if num_proc and num_proc > 1 and len(records) >= 2 * num_proc else None,
+            remove_columns=list(texts),
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_prompt_length": max_prompt_length},
+            new_fingerprint=key,
+            desc=f"tokenizing {len(records)} {mode} rows",
+        )
+        source = "tokenized"
+        if path is not None:
+            _save_atomically(table, path)
+    stats = {
+        "rows": len(records),
+        "prompt_truncated": int(sum(table["prompt_truncated"])),
+        "completion_truncated": int(sum(table["completion_truncated"])),
+    }
+    return TokenizedDataset(table, records, mode, source), stats
+
+
+def _save_atomically(table: datasets.Dataset, path: str) -> None:
+    """Write to a fresh directory beside ``path`` and rename it into place: a reader never sees half a cache entry,
+    and when two processes race the first rename wins."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".writing-")
+    try:
+        table.save_to_disk(staging)
+        os.replace(staging, path)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- padding ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -172,14 +172,29 @@ class AlignmentModule(L.LightningModule):
 
     # ---- data: the one hand-off to the DataModule -------------------------------------------------------------
 
-    def setup(self, stage: str) -> None:
-        """Tell the trainer's DataModule which tokenizer and data mode this module needs (``attach``); Lightning
-        runs this after ``datamodule.setup``, and the DataModule tokenizes on first use. A DataModule built with
-        its own ``mode=`` keeps that mode."""
+    def _attach_datamodule(self, stage: str) -> Any:
+        """Give the trainer's DataModule this module's tokenizer and data mode (``attach``); returns it, or
+        ``None`` when it takes no attach (a plain LightningDataModule)."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         attach = getattr(datamodule, "attach", None)
-        if callable(attach):  # predict samples completions of prompts, whatever the module trains on
-            attach(self.tokenizer, "prompt" if stage == "predict" else self.data_mode)
+        if not callable(attach):
+            return None
+        # predict samples completions of prompts, whatever the module trains on
+        return attach(self.tokenizer, "prompt" if stage == "predict" else self.data_mode)
+
+    def prepare_data(self) -> None:
+        """Tokenize the DataModule's splits into its cache once per node (Lightning runs this on local rank 0 while
+        the other ranks wait); every rank's ``setup`` then loads them."""
+        stage = self.trainer.state.fn.value if self.trainer.state.fn else "fit"
+        datamodule = self._attach_datamodule(stage)
+        if datamodule is not None and hasattr(datamodule, "prepare_tokenized"):
+            datamodule.prepare_tokenized(stage)
+
+    def setup(self, stage: str) -> None:
+        """Tell the trainer's DataModule which tokenizer and data mode this module needs (``attach``); Lightning
+        runs this after ``datamodule.setup``, and the DataModule tokenizes (or loads its cache) on first use. A
+        DataModule built with its own ``mode=`` keeps that mode."""
+        self._attach_datamodule(stage)
         if stage == "fit" and self.hparams.export_dir:
             check_writable_directory(self.hparams.export_dir, "export_dir")  # before any model loads
         if stage in ("validate", "test") and self.uses_reference and self.reference_source() == self.hparams.model:

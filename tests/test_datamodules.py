@@ -372,7 +372,8 @@ def test_truncation_keeps_prompt_tail_and_completion_head(tmp_path, tokenizer):
     n_short = len(tokenizer(short_prompt, add_special_tokens=False).input_ids)
     dm = hh_dm(tmp_path, rows, tokenizer, max_length=24, max_prompt_length=16, shuffle=False, batch_size=4)
     dm.setup()
-    items = dm.dataset("train").items  # tokenized (and counted) on first use
+    data = dm.dataset("train")  # tokenized (and counted) on first use
+    items = [data[i] for i in range(len(data))]
     assert dm.truncation_stats["train"] == {"rows": 4, "prompt_truncated": 2, "completion_truncated": 2}
     for item in (items[1], items[3]):
         assert len(item["prompt_ids"]) == 16

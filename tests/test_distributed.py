@@ -59,6 +59,10 @@ def test_ddp_metrics_equal_single_process(tmp_path, hh_dir):
     assert single["eval_rewards/margins"] != 0.0  # different policy and reference: a non-trivial comparison
     for name in names:
         assert double[name] == pytest.approx(single[name], rel=1e-5, abs=1e-6), name
+    # prepare_data tokenized the validation split once, on rank 0; rank 1 loaded rank 0's cache
+    logs = [json.loads((tmp_path / f"two.json.rank{rank}.tokenization.json").read_text()) for rank in (0, 1)]
+    assert [(role, source) for role, source, _, _ in logs[0]] == [("val", "tokenized")]
+    assert [(role, source) for role, source, _, _ in logs[1]] == [("val", "cache")]
 
 
 def run_fsdp2(devices: int, out: Path, hh_dir: Path, export: Path, *strategy: str) -> dict[str, float]:

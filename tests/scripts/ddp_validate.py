@@ -2,6 +2,9 @@
 
     python ddp_validate.py DEVICES OUT_JSON HH_DIR POLICY_DIR REFERENCE_DIR
 
+Each rank also writes ``OUT_JSON.rank<r>.tokenization.json``: how it got each split (tokenized, or loaded from the
+tokenized cache in ``OUT_JSON.cache``).
+
 Run as a script (not inside pytest) because Lightning's DDP launcher re-executes the command line per rank.
 """
 
@@ -16,7 +19,9 @@ from lit_align import DPOModule
 if __name__ == "__main__":
     devices, out, hh_dir, policy_dir, reference_dir = sys.argv[1:6]
     module = DPOModule(model=policy_dir, reference_model=reference_dir)
-    data = hh_pairs(hh_dir, holdout=32, batch_size=4, max_length=48, max_prompt_length=32, shuffle=True)
+    data = hh_pairs(
+        hh_dir, holdout=32, batch_size=4, max_length=48, max_prompt_length=32, shuffle=True, cache_dir=out + ".cache"
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=int(devices),
@@ -26,6 +31,8 @@ if __name__ == "__main__":
         enable_model_summary=False,
     )
     trainer.validate(module, datamodule=data, verbose=False)
+    with open(f"{out}.rank{trainer.global_rank}.tokenization.json", "w") as handle:
+        json.dump(data.tokenization_log, handle)
     if trainer.is_global_zero:
         with open(out, "w") as handle:
             json.dump({k: float(v) for k, v in trainer.callback_metrics.items()}, handle)
