@@ -9,7 +9,8 @@ batch (the keys of ``datamodules/keys.py``):
   *tail* (at most ``max_prompt_length`` tokens) and then the completion's *head* (prompt + completion ≤
   ``max_length``; the EOS is dropped when it does not fit); the counts come back as truncation stats.
 * ``TokenizedDataset``: the tokenized items of one split in one mode, with their records; item ``i`` has ``INDEX i``.
-* ``pad``: the one padding helper (``torch.nn.utils.rnn.pad_sequence`` on either side, optionally to a fixed width).
+* ``pad`` / ``pad_rows``: the one padding helper (``torch.nn.utils.rnn.pad_sequence`` on either side, optionally to a
+  fixed width; ``pad_rows`` adds the attention mask), also used by ``lit_align`` (perplexity, rewards).
 * ``Collator``: pads a list of items into one batch — prompts left-padded (generation), prompt + completion rows
   right-padded with completion masks; pairs share one width; unpaired batches add TRL's mismatched KL rows.
 
@@ -248,9 +249,12 @@ def _right_pad(
     return ids, attention, completion
 
 
-def _left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad rows (prompts for generation); returns ids and attention mask."""
-    return pad(seqs, pad_id, "left"), pad([[1] * len(s) for s in seqs], 0, "left")
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows → ``(input_ids, attention_mask)``, padded on ``side`` (left for generation prompts).
+
+    The one padding helper outside the collator: held-out perplexity, learned rewards and the pivot translator use
+    it too."""
+    return pad(rows, pad_id, side), pad([[1] * len(row) for row in rows], 0, side)
 
 
 # ---- collation ------------------------------------------------------------------------------------------------
@@ -266,7 +270,7 @@ class Collator:
         batch: dict[str, Any] = {INDEX: torch.tensor([it[INDEX] for it in items], dtype=torch.long)}
         prompts = [it["prompt_ids"] for it in items]
         if self.mode == "prompt":
-            batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = _left_pad(prompts, self.pad_id)
+            batch[PROMPT_INPUT_IDS], batch[PROMPT_ATTENTION_MASK] = pad_rows(prompts, self.pad_id, "left")
             batch[PROMPT] = [it[PROMPT] for it in items]
             if all(REFERENCE in it for it in items):
                 batch[REFERENCE] = [it[REFERENCE] for it in items]

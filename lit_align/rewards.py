@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from datamodules.collation import pad_rows
 from datamodules.keys import INDEX
 
 TEXT_CHOICES = ("completion", "full")
@@ -275,11 +276,7 @@ class LearnedReward(RewardFunction):
                 + [eos]
                 for p, c in zip(prompts[chunk], completions[chunk], strict=True)
             ]
-            rows = [torch.tensor(row, dtype=torch.long) for row in ids]
-            input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=eos, padding_side="right")
-            attention_mask = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones_like(row) for row in rows], batch_first=True, padding_value=0, padding_side="right"
-            )
+            input_ids, attention_mask = pad_rows(ids, eos)
             scores.append(last_token_scores(self.model, input_ids.to(device), attention_mask.to(device)))
         return torch.cat(scores)
 
@@ -395,14 +392,8 @@ class PivotBLEUReward(RewardFunction):
         german = []
         for start in range(0, len(french), self.batch_size):
             prompts = [self.translation_prompt(s) for s in french[start : start + self.batch_size]]
-            rows = [
-                torch.tensor(self.tokenizer(p, add_special_tokens=False).input_ids, dtype=torch.long) for p in prompts
-            ]
-            # left padding for generation
-            input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad, padding_side="left")
-            attention_mask = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones_like(row) for row in rows], batch_first=True, padding_value=0, padding_side="left"
-            )
+            rows = self.tokenizer(prompts, add_special_tokens=False).input_ids
+            input_ids, attention_mask = pad_rows(rows, pad, "left")  # left padding for generation
             width = input_ids.shape[1]
             out = self.translator.generate(
                 input_ids=input_ids.to(device),

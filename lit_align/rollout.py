@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from datamodules.collation import pad_rows
 from lit_align.generation import Completions
 from lit_align.logprobs import response_logprobs, token_logprobs
 from lit_align.metrics import diversity_scores
@@ -70,13 +71,8 @@ class RolloutMechanics:
         metric = self.metrics.get(stage, "drift/perplexity")
         encoded = self.tokenizer(chosen, add_special_tokens=False, truncation=True, max_length=128)["input_ids"]
         for start in range(0, len(encoded), 8):
-            rows = [torch.tensor(r, dtype=torch.long, device=self.device) for r in encoded[start : start + 8]]
-            ids = torch.nn.utils.rnn.pad_sequence(
-                rows, batch_first=True, padding_value=self.tokenizer.eos_token_id, padding_side="right"
-            )
-            attention = torch.nn.utils.rnn.pad_sequence(
-                [torch.ones_like(r) for r in rows], batch_first=True, padding_value=0, padding_side="right"
-            )
+            rows = encoded[start : start + 8]
+            ids, attention = (t.to(self.device) for t in pad_rows(rows, self.tokenizer.eos_token_id))
             logits = self.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
             metric.update(token_logprobs(logits[:, :-1], ids[:, 1:]), attention[:, 1:])
         self.log(self.metrics.log_name(stage, "drift/perplexity"), metric, on_step=False, on_epoch=True)
