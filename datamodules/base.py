@@ -308,7 +308,14 @@ class BenchmarkDataModule(LightningDataModule):
         for reason, count in skips.items():
             rank_zero_info(f"{type(self).__name__}: {role} split '{split}': skipped {count} rows: {reason}")
         if not records:
-            raise ValueError(f"{type(self).__name__}: split '{split}' of {self.data_path} has no usable rows")
+            source = self.data_path if isinstance(self.data_path, str) else "the in-memory dataset"
+            if not skips:
+                raise DataValidationError(f"{type(self).__name__}: split '{split}' of {source} is empty (0 rows)")
+            reasons = "; ".join(f"{count} × {reason}" for reason, count in skips.items())
+            raise DataValidationError(
+                f"{type(self).__name__}: split '{split}' of {source} has no usable rows: all {sum(skips.values())} "
+                f"were skipped ({reasons})"
+            )
         return records
 
     def _native_records(self) -> tuple[list[dict], list[dict] | None]:

@@ -102,7 +102,12 @@ class TRLFormatDataModule(BenchmarkDataModule):
         if path.endswith((".parquet", ".csv")):
             import datasets
 
-            table = datasets.load_dataset(path.rsplit(".", 1)[1], data_files=path, split="train")
+            try:
+                table = datasets.load_dataset(path.rsplit(".", 1)[1], data_files=path, split="train")
+            except ValueError as err:  # datasets: 'Instruction "train" corresponds to no data!'
+                if "corresponds to no data" not in str(err):
+                    raise
+                raise DataValidationError(f"{path}: split {split!r} is empty (0 rows)") from err
             for number, row in enumerate(table, start=1):
                 yield path, number, row
         else:

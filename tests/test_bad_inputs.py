@@ -688,7 +688,7 @@ DATA_FILES = [
         "data-no-usable-rows",
         bad_file([json.dumps({"chosen": hh_row(1)["chosen"], "rejected": hh_row(1)["chosen"]})]),
         ValueError,
-        r"HHDataModule: split 'test' of .*test\.jsonl has no usable rows",
+        r"HHDataModule: split 'test' of .*test\.jsonl has no usable rows: all 1 were skipped \(1 × chosen == rejected",
     ),
     Case(
         "data-holdout-eats-everything",

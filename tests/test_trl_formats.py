@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 from helpers import fit
 
@@ -125,3 +126,30 @@ def test_column_mapping_and_bad_rows(tmp_path):
         data = TRLFormatDataModule(str(write(tmp_path, bad_rows, f"{name}.jsonl"))).attach(tokenizer, "text")
         with pytest.raises(DataValidationError, match=message):
             data.dataset("train")
+
+
+def test_empty_and_missing_splits_get_one_line_messages(tmp_path):
+    tokenizer = load_tokenizer("tiny-llama")
+    (tmp_path / "empty.csv").write_text("prompt,chosen,rejected\n", encoding="utf-8")
+    (tmp_path / "splits").mkdir()
+    write(tmp_path / "splits", [{"prompt": "a", "chosen": " b", "rejected": " c"}], "train.jsonl")
+    one_split = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a"}])})
+    cases = {
+        "empty csv": (dict(data_path=str(tmp_path / "empty.csv")), r"empty\.csv: split 'train' is empty \(0 rows\)"),
+        "empty Dataset": (
+            dict(data_path=datasets.Dataset.from_dict({"prompt": []})),
+            r"split 'train' of the in-memory dataset is empty \(0 rows\)",
+        ),
+        "no such file split": (
+            dict(data_path=str(tmp_path / "splits"), val_split="valid"),
+            r"no valid\.jsonl\(\.gz\)/\.json/\.parquet/\.csv for split 'valid' \(found: \['train\.jsonl'\]\)",
+        ),
+        "no such DatasetDict split": (
+            dict(data_path=one_split, val_split="test"),
+            r"the DatasetDict has no split 'test' \(splits: \['train'\]\)",
+        ),
+    }
+    for name, (kwargs, message) in cases.items():
+        with pytest.raises((DataValidationError, ValueError, FileNotFoundError), match=message) as raised:
+            TRLFormatDataModule(**kwargs).attach(tokenizer, "pair").setup("fit")
+        assert "\n" not in str(raised.value), name
