@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
+import pyarrow.compute
 import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
@@ -199,11 +200,9 @@ def tokenize_records(
         source = "tokenized"
         if path is not None:
             _save_atomically(table, path)
-    stats = {
-        "rows": len(records),
-        "prompt_truncated": int(sum(table["prompt_truncated"])),
-        "completion_truncated": int(sum(table["completion_truncated"])),
-    }
+    stats = {"rows": len(records)}
+    for flag in ("prompt_truncated", "completion_truncated"):  # summed in Arrow: no Python row objects
+        stats[flag] = int(pyarrow.compute.sum(table.data.column(flag)).as_py() or 0)
     return TokenizedDataset(table, records, mode, source), stats
 
 

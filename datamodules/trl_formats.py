@@ -158,7 +158,7 @@ class TRLFormatDataModule(BenchmarkDataModule):
                 raise DataValidationError(f"{where}: field 'messages': the last message must be the assistant's")
             return self.prompt_and_completion(messages[:-1], messages[-1:], where)
         if present == {TEXT}:
-            return {TEXT: row[TEXT]}
+            return {TEXT: self.standard(row[TEXT], where)}
         if present == {CHOSEN, REJECTED}:
             row = {**row, **self.implicit_prompt(row[CHOSEN], row[REJECTED], where)}
         prompt = row[PROMPT]
@@ -216,9 +216,18 @@ class TRLFormatDataModule(BenchmarkDataModule):
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=template
         )
 
+    def standard(self, text: str, where: str) -> str:
+        """A string (standard-format) field, refused when ``system_prompt`` is set: it has nowhere to go."""
+        if self.system_prompt:
+            raise DataValidationError(
+                f"{where}: system_prompt is set but the rows are standard (strings); a system prompt needs "
+                "conversational rows ({role, content} messages)"
+            )
+        return text
+
     def render_prompt(self, prompt: Any, where: str) -> str:
         if isinstance(prompt, str):
-            return prompt
+            return self.standard(prompt, where)
         return self.apply_template(self.with_system(self.messages(prompt, PROMPT, where)), add_generation_prompt=True)
 
     def prompt_and_completion(self, prompt: Any, completion: Any, where: str) -> dict:
@@ -226,7 +235,7 @@ class TRLFormatDataModule(BenchmarkDataModule):
         exactly the text the template adds for the completion's messages, without its final end-of-turn token
         (the collator appends the tokenizer's EOS)."""
         if isinstance(prompt, str) and isinstance(completion, str):
-            return {PROMPT: prompt, COMPLETION: completion}
+            return {PROMPT: self.standard(prompt, where), COMPLETION: completion}
         if isinstance(prompt, str) or isinstance(completion, str):
             raise DataValidationError(f"{where}: prompt and completion must both be strings or both messages")
         context = self.with_system(self.messages(prompt, PROMPT, where))

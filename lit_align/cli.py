@@ -227,8 +227,9 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def run_cli(defaults: list[str], args: list[str] | None) -> None:
-    AlignCLI(
+def run_cli(defaults: list[str], args: list[str] | None) -> AlignCLI:
+    """Run ``lit-align`` with the trainer defaults ``defaults``; returns the CLI (its trainer, model, datamodule)."""
+    return AlignCLI(
         AlignmentModule,
         BenchmarkDataModule,
         subclass_mode_model=True,

@@ -5,6 +5,9 @@ exactly the assistant turn."""
 from __future__ import annotations
 
 import json
+import shlex
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -14,7 +17,10 @@ from datamodules import TRLFormatDataModule
 from datamodules.keys import COMPLETION_MASK, INPUT_IDS
 from datamodules.readers import DataValidationError
 from lit_align import DPOModule, GRPOModule, KTOModule, SFTModule
+from lit_align.cli import TRAINER_DEFAULTS_FILE, run_cli
 from lit_align.models import load_tokenizer, tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def user(text: str) -> list[dict]:
@@ -121,9 +127,12 @@ def test_column_mapping_and_bad_rows(tmp_path):
         "unknown columns": ([{"question": "q", "answer": "a"}], r"row 1: columns \['answer', 'question'\] match none"),
         "mixed formats": ([{"prompt": "a"}, {"prompt": "b", "completion": "c"}], "row 2: a prompt-completion row in"),
         "label not a bool": ([{"prompt": "a", "completion": "b", "label": "yes"}], "field 'label': expected a bool"),
+        "system prompt on strings": ([{"prompt": "a", "completion": "b"}], "row 1: system_prompt is set but the rows"),
     }
     for name, (bad_rows, message) in cases.items():
-        data = TRLFormatDataModule(str(write(tmp_path, bad_rows, f"{name}.jsonl"))).attach(tokenizer, "text")
+        path = str(write(tmp_path, bad_rows, f"{name}.jsonl"))
+        system = "Be brief." if name == "system prompt on strings" else None
+        data = TRLFormatDataModule(path, system_prompt=system).attach(tokenizer, "text")
         with pytest.raises(DataValidationError, match=message):
             data.dataset("train")
 
@@ -153,3 +162,62 @@ def test_empty_and_missing_splits_get_one_line_messages(tmp_path):
         with pytest.raises((DataValidationError, ValueError, FileNotFoundError), match=message) as raised:
             TRLFormatDataModule(**kwargs).attach(tokenizer, "pair").setup("fit")
         assert "\n" not in str(raised.value), name
+
+
+README_FILES = {  # the file names of the README's "Your own data" commands → rows of that format
+    "my_text.jsonl": lambda i: {"messages": user(f"Say {i}.") + assistant(f"{i}.")},
+    "my_completions.jsonl": lambda i: {"prompt": f"Count: {i},", "completion": f" {i + 1}."},
+    "my_prompts.jsonl": lambda i: {"prompt": f"Write a happy review of film number {i}:"},
+    "my_pairs.jsonl": lambda i: {"prompt": f"{i} plus one is", "chosen": f" {i + 1}.", "rejected": f" {i + 2}."},
+    "my_implicit_pairs.jsonl": lambda i: {"chosen": f"{i} plus one is {i + 1}.", "rejected": f"{i} plus one is {i}."},
+    "my_labels.jsonl": lambda i: {"prompt": f"{i} plus one is", "completion": f" {i + i % 2}.", "label": i % 2 == 1},
+    "my_stack.jsonl": lambda i: {"question": f"What is {i} + 1?", "response_j": f" {i + 1}", "response_k": " 7"},
+    "my_chat_pairs.jsonl": lambda i: {
+        "prompt": user(f"What is {i} + 1?"),
+        "chosen": assistant(f"{i + 1}"),
+        "rejected": assistant("7"),
+    },
+}
+
+
+def run_cli_in_process(args: list[str]):
+    return run_cli([str(TRAINER_DEFAULTS_FILE)], args)
+
+
+def readme_commands() -> list[list[str]]:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    return [shlex.split(line)[1:] for line in section.splitlines() if line.startswith("lit-align fit")]
+
+
+def test_the_readme_commands_for_each_format_train(tmp_path, monkeypatch):
+    """Each `lit-align fit` line of the README's "Your own data" section, run as written on a 120-row file of its
+    format, with the tiny model and one step; the formats recognised are the ones the README names."""
+    monkeypatch.setattr(sys, "argv", ["lit-align"])
+    commands = readme_commands()
+    assert {next(a for a in c if a.endswith(".jsonl")) for c in commands} == set(README_FILES)
+    recognised, prompts = [], {}
+    for args in commands:
+        name = next(a for a in args if a.endswith(".jsonl"))
+        write(tmp_path, [README_FILES[name](i) for i in range(120)], name)
+        args = [str(REPO / a) if a.startswith("configs/") else a for a in args]
+        overrides = ["--model.init_args.model", "tiny-llama", "--trainer.max_steps", "1"]
+        overrides += ["--trainer.limit_val_batches", "0"]
+        if "grpo" in " ".join(args):
+            overrides += ["--model.init_args.sampling", "{max_new_tokens: 4}", "--model.init_args.drift_texts", "0"]
+        cli = run_cli_in_process([*args, *overrides])
+        assert cli.trainer.global_step == 1, name
+        recognised.append(cli.datamodule.format)
+        prompts[name] = cli.datamodule.dataset("train").records[0]["prompt"]
+    assert recognised == [
+        "language modelling",
+        "prompt-completion",
+        "prompt-only",
+        "preference (explicit prompt)",
+        "preference (implicit prompt)",
+        "unpaired preference",
+        "preference (explicit prompt)",
+        "preference (explicit prompt)",
+    ]
+    chat = prompts["my_chat_pairs.jsonl"]
+    assert chat.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>"), chat
