@@ -94,3 +94,63 @@ def response_logprobs(
     )
     logits = out.logits[:, prompt_width - 1 : -1] / temperature
     return token_logprobs(logits, sequences[:, prompt_width:]), logits, out
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weightᵀ + bias)[label] a chunk of rows at a time; backward recomputes each chunk's
+    logits, so no [N, V] tensor outlives its chunk (the idea of fused linear cross-entropy, Wijmans et al. 2024,
+    "Cut Your Losses in Large-Vocabulary Language Models")."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int, temperature: float
+    ):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = _chunk_logits(hidden[rows], weight, bias, temperature)
+            out[rows] = logits.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logits = _chunk_logits(hidden[rows], weight, bias, ctx.temperature)
+            # d/dlogits of (logit[label] - logsumexp) = onehot(label) - softmax, times the incoming gradient
+            grad_logits = torch.softmax(logits, -1).mul_(-grad_out[rows].unsqueeze(-1))
+            grad_logits.scatter_add_(-1, labels[rows].unsqueeze(-1), grad_out[rows].unsqueeze(-1))
+            grad_logits.div_(ctx.temperature)
+            if need_hidden:
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden[rows].float())
+            if need_bias:
+                grad_bias.add_(grad_logits.sum(0))
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def chunked_token_logprobs(
+    hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_size: int = 1024, temperature: float = 1.0
+) -> Tensor:
+    """log π(label | context) from the last hidden states [..., H] and the output layer ``head``, ``chunk_size``
+    positions at a time, in float32: peak memory grows with ``chunk_size × V``, not with the number of positions.
+    Equal to ``token_logprobs(head(hidden), labels)`` (values and gradients); the backward recomputes each chunk."""
+    shape = labels.shape
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    out = _ChunkedLinearLogprobs.apply(flat_hidden, head.weight, head.bias, flat_labels, chunk_size, temperature)
+    return out.reshape(shape)
