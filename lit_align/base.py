@@ -115,6 +115,11 @@ class AlignmentModule(L.LightningModule):
         warmup_ratio, warmup_steps: linear warm-up, as a fraction of all optimizer steps or a count (count wins).
         gradient_checkpointing: activation checkpointing per decoder layer (transformers' non-reentrant
             checkpointing, which composes with FSDP2's per-layer sharding): trade compute for activation memory.
+        logprob_chunk_size: compute the output layer and the completion log-probs of DPO/KTO/SFT/reward-free scoring
+            this many positions at a time, recomputing each chunk in backward (``logprobs.chunked_token_logprobs``):
+            peak memory grows with chunk × vocabulary instead of tokens × vocabulary. ``None``: one [B, T, V]
+            logits tensor (Hugging Face's forward). Falls back to the plain forward where the model's head is not a
+            plain linear layer or its weights are sharded (FSDP2).
         gather_for_generation: under FSDP2, all-gather a model's weights once per ``generate`` call and keep them
             until it returns, instead of gathering and freeing each layer for every new token. Costs one full,
             unsharded copy of that model's weights per rank during generation (as under DDP); set False when
@@ -148,6 +153,7 @@ class AlignmentModule(L.LightningModule):
         warmup_ratio: float = 0.0,
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
+        logprob_chunk_size: int | None = None,
         gather_for_generation: bool = True,
         disable_dropout: bool = True,
         export_dir: str | None = None,
@@ -155,6 +161,8 @@ class AlignmentModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         check_optimizer_settings(learning_rate, lr_scheduler, warmup_ratio, warmup_steps)
+        if logprob_chunk_size is not None and logprob_chunk_size < 1:
+            raise ValueError(f"logprob_chunk_size must be >= 1 (or None: no chunking), got {logprob_chunk_size}")
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer or model)
@@ -296,7 +304,8 @@ class AlignmentModule(L.LightningModule):
     # ---- log-probs ------------------------------------------------------------------------------------------
 
     def policy_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
-        return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask)
+        chunk = self.hparams.get("logprob_chunk_size")
+        return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask, chunk)
 
     @contextmanager
     def reference_forward(self) -> Iterator[nn.Module]:
@@ -316,7 +325,8 @@ class AlignmentModule(L.LightningModule):
 
     def reference_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
         with self.reference_forward() as reference:
-            return sequence_logprobs(reference, input_ids, attention_mask, completion_mask)
+            chunk = self.hparams.get("logprob_chunk_size")
+            return sequence_logprobs(reference, input_ids, attention_mask, completion_mask, chunk)
 
     # ---- sampling -------------------------------------------------------------------------------------------------
 

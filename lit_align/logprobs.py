@@ -48,14 +48,32 @@ class SequenceLogps(NamedTuple):
     mask: Tensor  # [B, L] completion mask aligned the same way
 
 
+def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """The decoder trunk and the plain linear output layer of a Hugging Face causal LM (through a PEFT wrapper),
+    or ``None`` when the chunked head cannot stand in for ``model``'s own logits: no ``get_decoder``, an output
+    layer that is not a plain ``nn.Linear`` (e.g. LoRA on it), logit soft-capping or scaling, or sharded (FSDP2
+    DTensor) parameters, which only the model's own forward unshards."""
+    get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if not callable(get_decoder) or not callable(get_head):
+        return None
+    head = get_head()
+    if type(head) is not nn.Linear or any(type(p) is not nn.Parameter for p in head.parameters()):
+        return None
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        return None
+    return get_decoder(), head
+
+
 def sequence_logprobs(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk_size: int | None = None
 ) -> SequenceLogps:
     """Forward ``model`` on right-padded sequences and sum the log-probs of the completion tokens.
 
     The output layer runs only from the earliest completion token of the batch onwards (``logits_to_keep``):
     with a 49k-token vocabulary the logits of prompt positions are a large share of a small model's compute and
-    memory, and no loss needs them.
+    memory, and no loss needs them. With ``chunk_size`` the output layer and the log-prob run ``chunk_size``
+    positions at a time (``chunked_token_logprobs``: no [B, T, V] logits) where ``trunk_and_head`` allows.
     """
     width = input_ids.shape[1]
     has_completion = completion_mask.any(-1)
@@ -65,6 +83,13 @@ def sequence_logprobs(
     start = int(first.min().clamp(1, width - 1)) if width > 1 else 1  # position 0 has no predicting logit
     keep = width - start + 1  # logits at positions start-1 … width-1
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    parts = trunk_and_head(model) if chunk_size else None
+    if parts is not None:
+        hidden = parts[0](**inputs, use_cache=False).last_hidden_state[:, start - 1 : -1]
+        token_logps = chunked_token_logprobs(hidden, parts[1], input_ids[:, start:], chunk_size)
+        mask = completion_mask[:, start:].to(token_logps.dtype)
+        token_logps = token_logps * mask
+        return SequenceLogps(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
     try:
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     except TypeError:  # a model without logits_to_keep: compute all positions and slice

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_align.logprobs import chunked_token_logprobs
+from lit_align.logprobs import chunked_token_logprobs, trunk_and_head
 
 
 def reference_logprobs(hidden, head, labels, temperature):
@@ -72,3 +72,42 @@ def test_the_graph_saves_no_positions_by_vocabulary_tensor():
     chunked = largest_saved(lambda: chunked_token_logprobs(hidden, head, labels, chunk_size=8))
     assert plain >= positions * vocabulary
     assert chunked == vocabulary * 16  # the weight itself: the largest thing kept
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_dpo_step_with_the_chunked_head_equals_the_plain_one(lora, hh_dir):
+    """Same batch, same weights: the DPO loss and every gradient agree with and without ``logprob_chunk_size``
+    (tiny-llama's tied 49k-vocabulary head; under LoRA the reference is the policy with adapters disabled)."""
+    from helpers import hh_pairs
+
+    from lit_align import DPOModule
+    from lit_align.models import LoraSettings
+
+    results = []
+    for chunk in (None, 7):
+        settings = {"lora": LoraSettings(r=4, target_modules="all-linear")} if lora else {}
+        module = DPOModule(model="tiny-llama", logprob_chunk_size=chunk, **settings)
+        torch.manual_seed(0)  # the same LoRA A matrices in both runs
+        module.configure_model()
+        assert trunk_and_head(module.policy) is not None  # the chunked path runs, no fallback
+        module.log = lambda *args, **kwargs: None  # outside a Trainer
+        data = hh_pairs(hh_dir, limit_train=4, max_length=64, max_prompt_length=40).attach(module.tokenizer, "pair")
+        data.setup("fit")
+        batch = next(iter(data.dataloader("train")))
+        loss = module.shared_step(batch, "train")
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (plain_loss, plain_grads), (chunked_loss, chunked_grads) = results
+    torch.testing.assert_close(chunked_loss, plain_loss, atol=1e-5, rtol=1e-5)
+    assert plain_grads.keys() == chunked_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        message = lambda m, name=name: f"{name}: {m}"  # noqa: E731
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=message)
+
+
+def test_the_chunk_size_must_be_positive():
+    from lit_align import DPOModule
+
+    with pytest.raises(ValueError, match="logprob_chunk_size must be >= 1"):
+        DPOModule(model="tiny-llama", logprob_chunk_size=0)
