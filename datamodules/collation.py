@@ -75,6 +75,7 @@ class TokenizedDataset(Dataset):
     def __init__(self, table: datasets.Dataset, records: list[dict], mode: str, source: str = "tokenized") -> None:
         self.table, self.records, self.mode, self.source = table, records, mode, source
         self.token_columns = [c for c in table.column_names if c.endswith("_ids")]
+        self._tokens = table.select_columns(self.token_columns)  # once, not per item: the loaders' hot path
 
     def __len__(self) -> int:
         return len(self.records)
@@ -87,11 +88,11 @@ class TokenizedDataset(Dataset):
         return item
 
     def __getitem__(self, i: int) -> dict:
-        return self._item(i, self.table.select_columns(self.token_columns)[i])
+        return self._item(i, self._tokens[i])
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A whole batch in one Arrow read (the DataLoader's batched fetch)."""
-        columns = self.table.select_columns(self.token_columns)[indices]
+        columns = self._tokens[indices]
         return [self._item(i, {c: columns[c][k] for c in self.token_columns}) for k, i in enumerate(indices)]
 
 

@@ -87,14 +87,12 @@ def sequence_logprobs(
     if parts is not None:
         hidden = parts[0](**inputs, use_cache=False).last_hidden_state[:, start - 1 : -1]
         token_logps = chunked_token_logprobs(hidden, parts[1], input_ids[:, start:], chunk_size)
-        mask = completion_mask[:, start:].to(token_logps.dtype)
-        token_logps = token_logps * mask
-        return SequenceLogps(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
-    try:
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep: compute all positions and slice
-        logits = model(**inputs, use_cache=False).logits[:, -keep:]
-    token_logps = token_logprobs(logits[:, :-1], input_ids[:, start:])
+    else:
+        try:
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        except TypeError:  # a model without logits_to_keep: compute all positions and slice
+            logits = model(**inputs, use_cache=False).logits[:, -keep:]
+        token_logps = token_logprobs(logits[:, :-1], input_ids[:, start:])
     mask = completion_mask[:, start:].to(token_logps.dtype)
     token_logps = token_logps * mask
     return SequenceLogps(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
