@@ -80,6 +80,11 @@ def timed_stats(starts: list[float], ends: list[float], warmup: int) -> dict[str
     return {"step_s": steps, "interval_s": intervals, "step": summarize(steps), "interval": summarize(intervals)}
 
 
+def autocast(args: argparse.Namespace):
+    """bf16 autocast for ``--precision bf16-mixed`` (what Lightning's and accelerate's bf16 mixed precision do)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+
+
 def set_determinism(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -104,6 +109,7 @@ def make_datamodule(args: argparse.Namespace):
         max_prompt_length=args.max_prompt_length,
         num_workers=0,
         seed=args.seed,
+        group_by_length=args.group_by_length,
     )
 
 
@@ -138,7 +144,7 @@ def concatenated(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
 
 def sequence_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> Tensor:
     """Σ over completion tokens of log π(y_t | x, y_<t); full logits, gather − logsumexp."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     labels = input_ids[:, 1:]
     token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return (token_logps * completion_mask[:, 1:]).sum(-1)
@@ -149,7 +155,9 @@ def run_bare(args: argparse.Namespace, batches: list[dict]) -> dict[str, Any]:
 
     set_determinism(args.seed, args.threads)
     policy = load_causal_lm(args.model, seed=0).train()
-    reference = load_causal_lm(args.model, seed=0).eval().requires_grad_(False)
+    reference = load_causal_lm(args.model, args.reference_dtype, seed=0).eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in policy.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -162,9 +170,10 @@ def run_bare(args: argparse.Namespace, batches: list[dict]) -> dict[str, Any]:
             threads = torch.get_num_threads()
         start = time.perf_counter()
         input_ids, attention_mask, completion_mask = concatenated(batch)
-        policy_logps = sequence_logps(policy, input_ids, attention_mask, completion_mask)
-        with torch.no_grad():
-            ref_logps = sequence_logps(reference, input_ids, attention_mask, completion_mask)
+        with autocast(args):
+            policy_logps = sequence_logps(policy, input_ids, attention_mask, completion_mask)
+            with torch.no_grad():
+                ref_logps = sequence_logps(reference, input_ids, attention_mask, completion_mask)
         policy_chosen, policy_rejected = policy_logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.chunk(2)
         logits = args.beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
@@ -250,6 +259,9 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         adam_betas=(0.9, 0.999),
         lr_scheduler="constant",
         disable_dropout=True,
+        reference_dtype=args.reference_dtype,
+        logprob_chunk_size=args.chunk,
+        gradient_checkpointing=args.gradient_checkpointing,
         seed=0,
     )
     datamodule = make_datamodule(args)
@@ -257,7 +269,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="32-true",
+        precision=args.precision,
         max_steps=args.warmup_steps + args.steps,
         max_epochs=-1,
         logger=False,
@@ -388,8 +400,8 @@ def run_trl(args: argparse.Namespace, datamodule, batches: list[dict]) -> dict[s
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,  # only in TRL versions that have it (not 1.x)
         truncation_mode="keep_start",
-        gradient_checkpointing=False,
-        bf16=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.precision == "bf16-mixed",
         fp16=False,
         use_cpu=True,
         report_to=[],
@@ -411,7 +423,7 @@ def run_trl(args: argparse.Namespace, datamodule, batches: list[dict]) -> dict[s
 
     set_determinism(args.seed, args.threads)
     policy = load_causal_lm(args.model, seed=0)
-    reference = load_causal_lm(args.model, seed=0)
+    reference = load_causal_lm(args.model, args.reference_dtype, seed=0)
     timer = TRLStepTimer()
     trainer = RecordingDPOTrainer(
         model=policy,
@@ -442,6 +454,40 @@ def run_trl(args: argparse.Namespace, datamodule, batches: list[dict]) -> dict[s
 # ---- report -------------------------------------------------------------------------------------------------------
 
 
+def matmul_parameters(model_name: str) -> int:
+    """Weights that take part in a matmul per token: every ``nn.Linear`` (the output layer included, tied or not)."""
+    from lit_align.models import load_causal_lm
+
+    model = load_causal_lm(model_name, seed=0)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def add_throughput(args: argparse.Namespace, results: dict[str, dict], batches: list[dict]) -> None:
+    """Real (non-pad) tokens per second over the timed steps, and MFU against ``peak.py``'s measured peak.
+
+    Model FLOPs per real token: 8 × matmul weights (forward + backward of the policy, 6N; the reference forward,
+    2N), the usual dense-transformer count; attention scores and recomputation under checkpointing are left out.
+    """
+    real = [int(b["chosen_attention_mask"].sum() + b["rejected_attention_mask"].sum()) for b in batches]
+    timed_tokens = real[args.warmup_steps :]
+    flops_per_token = 8 * matmul_parameters(args.model)
+    peaks = {}
+    if Path(args.peak).is_file():
+        measured = json.loads(Path(args.peak).read_text())["gflops"]
+        peaks = {dtype: measured[dtype]["peak"] * 1e9 for dtype in ("float32", "bfloat16") if dtype in measured}
+    dtype = "bfloat16" if args.precision == "bf16-mixed" else "float32"
+    for res in results.values():
+        if "skipped" in res or not res["step_s"]:
+            continue
+        seconds = sum(res["step_s"])
+        tokens = sum(timed_tokens[: len(res["step_s"])])
+        achieved = flops_per_token * tokens / seconds
+        res["real_tokens_per_s"] = tokens / seconds
+        res["model_tflops_per_s"] = achieved / 1e12
+        res["mfu"] = {name: achieved / peak for name, peak in peaks.items()}
+        res["mfu_of_precision_peak"] = res["mfu"].get(dtype)
+
+
 def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     if not a or not b or "skipped" in a or "skipped" in b:
         return None
@@ -464,28 +510,31 @@ def report(args: argparse.Namespace, results: dict[str, dict], env: dict) -> dic
     }
     print()
     print(
-        f"### DPO step time — {args.model}, B={args.batch_size} pairs, max_length={args.max_length}, "
+        f"### DPO step time — {args.model}, {args.precision}, reference {args.reference_dtype}, chunk {args.chunk}, "
+        f"checkpointing {args.gradient_checkpointing}, grouped {args.group_by_length}, "
+        f"B={args.batch_size} pairs, max_length={args.max_length}, "
         f"max_prompt_length={args.max_prompt_length}, {args.steps} timed steps after {args.warmup_steps} warm-up, "
         f"{args.threads} threads"
     )
     print()
     print(
         "| implementation | median s/step | mean s/step | median interval s | mean padded width | step-0 loss "
-        "| peak RSS after (MB) |"
+        "| peak RSS after (MB) | real tokens/s | MFU |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in IMPLEMENTATIONS:
         res = results.get(name)
         if res is None:
             continue
         if "skipped" in res:
-            print(f"| {name} | skipped: {res['skipped']} | | | | | |")
+            print(f"| {name} | skipped: {res['skipped']} | | | | | | | |")
             continue
         width = statistics.fmean(res["padded_width"]) if res["padded_width"] else None
         loss0 = res["losses"][0] if res["losses"] else None
         print(
             f"| {name} | {fmt(res['step']['median'])} | {fmt(res['step']['mean'])} | "
-            f"{fmt(res['interval']['median'])} | {fmt(width, 1)} | {fmt(loss0, 6)} | {res['peak_rss_mb']:.0f} |"
+            f"{fmt(res['interval']['median'])} | {fmt(width, 1)} | {fmt(loss0, 6)} | {res['peak_rss_mb']:.0f} | "
+            f"{fmt(res.get('real_tokens_per_s'), 1)} | {fmt(res.get('mfu_of_precision_peak'), 3)} |"
         )
     print()
     print("| ratio (median) | step | interval |")
@@ -575,6 +624,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="TRL prompts: lit-align's tail-truncated prompt tokens decoded to text (default), or "
         "the full prompt text (TRL 1.x then only truncates prompt+completion to --max-length)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("32-true", "bf16-mixed"),
+        default="32-true",
+        help="all three: fp32, or bf16 autocast over fp32 weights (Lightning's bf16-mixed, TRL's bf16=True)",
+    )
+    parser.add_argument("--reference-dtype", default="float32", help="dtype the frozen reference is held in")
+    parser.add_argument("--chunk", type=int, default=None, help="lit-align's logprob_chunk_size (default: off)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="all three")
+    parser.add_argument(
+        "--group-by-length", action="store_true", help="length-grouped batches (the same batches for all three)"
+    )
+    parser.add_argument("--peak", default="benchmarks/results/peak.json", help="peak.py's output, for MFU")
     parser.add_argument("--out", default="benchmarks/results/dpo_step_time.json")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'concurrent job running')")
     args = parser.parse_args(argv)
@@ -636,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
         res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         results[name] = res
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    add_throughput(args, results, batches)
     summary = report(args, results, env)
 
     out = Path(args.out)

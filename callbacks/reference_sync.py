@@ -48,7 +48,7 @@ class ReferenceSync(AlignmentCallback):
         self.steps += 1
         if self.steps % self.sync_every == 0:
             for _, policy, reference in self.pairs:
-                local(reference).lerp_(local(policy), self.alpha)
+                local(reference).lerp_(local(policy).to(reference.dtype), self.alpha)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps}

@@ -112,6 +112,7 @@ class BenchmarkDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        group_by_length: bool = False,
         num_proc: int | None = None,
         cache_tokenized: bool = True,
         cache_dir: str | None = None,
@@ -136,6 +137,10 @@ class BenchmarkDataModule(LightningDataModule):
             num_workers: DataLoader workers.
             seed: seed of every shuffle here (holdout, limits, unpaired order, train loader).
             shuffle: shuffle the train loader.
+            group_by_length: put rows of similar token length in the same train batch, so less of each batch is
+                padding (``datamodules.sampling.length_grouped``: sorted within windows of 50 batches, the batches
+                then shuffled; seeded by ``seed`` + epoch, resumable, the same groups split across DDP ranks).
+                Every row is still seen once per epoch; batches are no longer uniform random samples.
             num_proc: processes ``datasets.map`` tokenizes with (``None``: this process only).
             cache_tokenized: keep tokenized splits on disk, keyed by their texts, the tokenizer and the truncation
                 settings; a later run (and every other rank) loads them instead of tokenizing again. Off when
@@ -169,6 +174,7 @@ class BenchmarkDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.mode, self.num_workers, self.seed, self.shuffle = mode, num_workers, seed, shuffle
+        self.group_by_length = group_by_length
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"num_proc must be >= 1 (or None), got {num_proc}")
         self.num_proc, self.cache_tokenized, self.cache_dir = num_proc, cache_tokenized, cache_dir
@@ -532,7 +538,10 @@ class BenchmarkDataModule(LightningDataModule):
             # ``seed``, seeds each epoch's order by seed + epoch (Lightning calls ``set_epoch``) and resumes
             # mid-epoch from a checkpoint (datamodules/sampling.py)
             rank = self.trainer.global_rank if world > 1 else 0
-            sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+            lengths = data.lengths() if self.group_by_length else None
+            sampler = ResumableSampler(
+                data, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, lengths=lengths, batch_size=size
+            )
             return ResumableDataLoader(
                 data, sampler, batch_size=size, drop_last=drop_last, collate_fn=collate, **workers
             )

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
-import pyarrow.compute
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from datasets.fingerprint import Hasher
@@ -89,6 +89,18 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self._item(i, self._tokens[i])
+
+    def lengths(self) -> list[int]:
+        """The padded width each row needs: prompt + its longest completion field (a pair's chosen and rejected
+        share one padded batch). Computed in Arrow, without reading rows into Python."""
+        table = self._tokens.with_format("arrow")[:]
+        sizes = {c: pc.list_value_length(table.column(c)).fill_null(0) for c in self.token_columns}
+        prompt = sizes.pop("prompt_ids", None)
+        longest = None
+        for size in sizes.values():
+            longest = size if longest is None else pc.max_element_wise(longest, size)
+        total = longest if prompt is None else prompt if longest is None else pc.add(prompt, longest)
+        return total.to_pylist() if total is not None else [0] * len(self)
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A whole batch in one Arrow read (the DataLoader's batched fetch)."""
@@ -203,7 +215,7 @@ def tokenize_records(
             _save_atomically(table, path)
     stats = {"rows": len(records)}
     for flag in ("prompt_truncated", "completion_truncated"):  # summed in Arrow: no Python row objects
-        stats[flag] = int(pyarrow.compute.sum(table.data.column(flag)).as_py() or 0)
+        stats[flag] = int(pc.sum(table.data.column(flag)).as_py() or 0)
     return TokenizedDataset(table, records, mode, source), stats
 
 

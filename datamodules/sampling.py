@@ -5,27 +5,84 @@ Lightning saves ``state_dict()`` of every train DataLoader that has one in its c
 iteration starts after those batches of the same epoch order, so no row is trained twice or skipped. The order of
 epoch ``e`` is a permutation seeded by ``seed + e`` (``DistributedSampler``'s rule, on one process too), so it does
 not depend on how many epochs the process has already iterated.
+
+With ``lengths`` the sampler groups rows of similar length into the same batch (``length_grouped``), so less of
+each batch is padding; the grouping is a function of (seed, epoch) too, so it resumes the same way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+# Rows are sorted by length within windows of this many global batches: enough to group lengths well, few enough
+# that a window still mixes the epoch's order (transformers' LengthGroupedSampler uses 50 too).
+LENGTH_GROUP_WINDOW = 50
+
+
+def length_grouped(
+    order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator, window: int = LENGTH_GROUP_WINDOW
+) -> list[int]:
+    """``order`` regrouped so that each run of ``batch_size`` rows has similar lengths.
+
+    ``order`` is cut into windows of ``window × batch_size`` rows; each window is sorted by length (longest first)
+    and cut into batches; the full batches are then put in a random order drawn from ``generator`` (so long and
+    short batches alternate through the epoch), and a final partial batch stays last. Every row of ``order``
+    appears exactly once.
+    """
+    span = window * batch_size
+    batches: list[list[int]] = []
+    for begin in range(0, len(order), span):
+        rows = sorted(order[begin : begin + span], key=lambda i: -lengths[i])
+        batches += [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    partial = [b for b in batches if len(b) < batch_size]
+    shuffled = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for batch in shuffled + partial for i in batch]
+
 
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` (order seeded by ``seed + epoch``, rows split across ranks) that can start the next
-    iteration ``start`` rows into the epoch's order. Also used with one process, so Lightning keeps it as is."""
+    iteration ``start`` rows into the epoch's order. Also used with one process, so Lightning keeps it as is.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+    With ``lengths`` (one per row) the epoch's order is ``length_grouped`` in global batches of
+    ``batch_size × num_replicas`` rows before it is split across ranks, so the i-th batch of every rank comes from
+    the same group of similar lengths.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        lengths: list[int] | None = None,
+        batch_size: int = 1,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        if lengths is not None and len(lengths) != len(dataset):
+            raise ValueError(f"lengths has {len(lengths)} entries for {len(dataset)} rows")
+        self.lengths, self.batch_size = lengths, batch_size
         self.start = 0
 
+    def epoch_order(self) -> list[int]:
+        """Every row index of this epoch in training order, before the split across ranks."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
+        if self.lengths is not None:
+            order = length_grouped(order, self.lengths, self.batch_size * self.num_replicas, generator)
+        return order
+
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        order = self.epoch_order()
+        order += (order * math.ceil(self.total_size / max(len(order), 1)))[: self.total_size - len(order)]
+        indices = order[self.rank : self.total_size : self.num_replicas]
         start, self.start = self.start, 0  # a resume skips once
         return iter(indices[start:])
 

@@ -46,7 +46,14 @@ from lit_align.generation import (
 )
 from lit_align.logprobs import SequenceLogps, sequence_logprobs
 from lit_align.metrics import StageMetrics
-from lit_align.models import EMBEDDED_MODEL, LoraSettings, apply_lora, load_causal_lm, load_tokenizer
+from lit_align.models import (
+    EMBEDDED_MODEL,
+    LoraSettings,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    torch_dtype,
+)
 from lit_align.reporting import log_completions_table
 from lit_align.strategies import full_state_dict, fully_shard_models, gathered_weights
 
@@ -108,6 +115,11 @@ class AlignmentModule(L.LightningModule):
         tokenizer: tokenizer source (default: the model's).
         lora: LoRA settings (peft); None trains all weights.
         dtype: parameter dtype of the loaded models (``float32``, ``bfloat16``; use bf16 only on hardware for it).
+            For bf16 training prefer the trainer's ``precision: bf16-mixed`` with fp32 weights: AdamW steps of
+            lr ≈ 1e-6 are below bf16's resolution for most weights and would be rounded away.
+        reference_dtype: dtype the frozen reference is held in (default: ``dtype``). ``bfloat16`` halves its memory
+            and, on hardware with bf16 matrix units, speeds up its forward; its log-probs then carry bf16 rounding
+            (benchmarks/README.md, "bf16"). Not with ``lora``, whose reference is the policy with adapters off.
         learning_rate, weight_decay, adam_betas, adam_epsilon: AdamW settings (no decay on biases and norms).
         lr_scheduler: a ``transformers.get_scheduler`` name in ``LR_SCHEDULERS`` (``cosine``, ``linear``,
             ``constant_with_warmup``...). Bad optimizer settings raise ``ValueError`` at construction
@@ -145,6 +157,7 @@ class AlignmentModule(L.LightningModule):
         tokenizer: str | None = None,
         lora: LoraSettings | None = None,
         dtype: str = "float32",
+        reference_dtype: str | None = None,
         learning_rate: float = 5e-6,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -161,6 +174,14 @@ class AlignmentModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         check_optimizer_settings(learning_rate, lr_scheduler, warmup_ratio, warmup_steps)
+        torch_dtype(dtype)
+        if reference_dtype is not None:
+            torch_dtype(reference_dtype)
+            if lora is not None:
+                raise ValueError(
+                    f"reference_dtype={reference_dtype!r} has no effect with lora: the reference is the policy with "
+                    "its adapters off, held in dtype; drop reference_dtype or set dtype"
+                )
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"logprob_chunk_size must be >= 1 (or None: no chunking), got {logprob_chunk_size}")
         super().__init__()
@@ -241,10 +262,11 @@ class AlignmentModule(L.LightningModule):
         policy = self.build_policy()
         if self.needs_reference_model():
             source = self.reference_source()
+            dtype = self.hparams.reference_dtype or self.hparams.dtype
             if source == self.hparams.model:
-                reference = copy.deepcopy(policy)
+                reference = copy.deepcopy(policy).to(torch_dtype(dtype))
             else:
-                reference = load_causal_lm(source, self.hparams.dtype, self.hparams.seed)
+                reference = load_causal_lm(source, dtype, self.hparams.seed)
             self.reference = reference.eval().requires_grad_(False)
         if self.uses_lora:
             policy = apply_lora(policy, self.hparams.lora, task_type=self.lora_task_type)

@@ -13,17 +13,20 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.base import BenchmarkDataModule
 from lit_align.base import AlignmentModule
+from lit_align.precision import AUTO, fastest_precision
 
 # configs/ sits next to the package in the repository (lit-align is installed editable, `pip install -e .`)
 TRAINER_DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "configs" / "trainer" / "default.yaml"
@@ -44,6 +47,24 @@ class CLIError(ValueError):
 
 class CheckpointPathError(CLIError):
     """``--ckpt_path`` names no file, a checkpoint of another module class, or a file that is not a checkpoint."""
+
+
+class AlignTrainer(Trainer):
+    """Lightning's ``Trainer`` with one more ``precision`` value, ``"auto"``: bf16 mixed precision where the
+    hardware multiplies bf16 natively, else fp32 (``lit_align.precision.fastest_precision``). Every other argument
+    is Lightning's."""
+
+    def __init__(
+        self,
+        *args: Any,
+        accelerator: str | Accelerator = "auto",
+        precision: _PRECISION_INPUT | Literal["auto"] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if precision == AUTO:
+            precision = fastest_precision(accelerator if isinstance(accelerator, str) else "auto")
+            rank_zero_info(f"precision auto: {precision} on this machine")
+        super().__init__(*args, accelerator=accelerator, precision=precision, **kwargs)
 
 
 class AlignCLI(LightningCLI):
@@ -232,6 +253,7 @@ def run_cli(defaults: list[str], args: list[str] | None) -> AlignCLI:
     return AlignCLI(
         AlignmentModule,
         BenchmarkDataModule,
+        trainer_class=AlignTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -172,7 +172,14 @@ class DistributionMatchingModule(AlignmentModule):
     def sequence_logprobs_of(self, model: nn.Module, sequences: Tensor, attention_mask: Tensor, width: int,
                              response_mask: Tensor) -> Tensor:  # fmt: skip
         """log model(x) of each sampled completion: the sum over its tokens up to and including EOS."""
-        logprobs, _, _ = response_logprobs(model, sequences, attention_mask, width, self.sampling.temperature)
+        logprobs = response_logprobs(
+            model,
+            sequences,
+            attention_mask,
+            width,
+            self.sampling.temperature,
+            chunk_size=self.hparams.logprob_chunk_size,
+        ).logps
         return (logprobs * response_mask.to(logprobs.dtype)).sum(-1)
 
     def reference_sequence_logprobs(self, sequences, attention_mask, width, response_mask) -> Tensor:

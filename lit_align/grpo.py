@@ -121,15 +121,6 @@ def clip_fractions(
     return masked_mean(low.float(), mask), masked_mean(high.float(), mask), masked_mean((low | high).float(), mask)
 
 
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy ``[B, T]`` of the next-token distributions ``softmax(logits)`` (one row at a time, in float32)."""
-    rows = []
-    for row in logits:
-        row = row.float()
-        rows.append(torch.logsumexp(row, -1) - (torch.softmax(row, -1) * row).sum(-1))
-    return torch.stack(rows)
-
-
 # ---- reward functions --------------------------------------------------------------------------------------------
 
 
@@ -349,12 +340,13 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
 
         # π_old (when the policy moves before the loss is taken) and π_ref (when β ≠ 0), without gradient
         args = (sample.sequences, sample.attention_mask, sample.prompt_width, self.sampling.temperature)
+        chunk = {"chunk_size": self.hparams.logprob_chunk_size}
         with torch.no_grad():
-            old_logprobs = response_logprobs(self.policy, *args)[0] if self.keeps_old_logprobs else None
+            old_logprobs = response_logprobs(self.policy, *args, **chunk).logps if self.keeps_old_logprobs else None
             ref_logprobs = None
             if self.hparams.beta != 0.0:
                 with self.reference_forward() as reference:
-                    ref_logprobs = response_logprobs(reference, *args)[0]
+                    ref_logprobs = response_logprobs(reference, *args, **chunk).logps
         referenced = time.perf_counter()
 
         rollout = GRPORollout(
@@ -434,12 +426,14 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
     def grpo_loss(self, rollout: GRPORollout, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The ``loss_type`` aggregate of the per-token loss over the micro-batch ``rows``, and detached statistics."""
         mask = rollout.response_mask[rows].float()
-        logprobs, logits, _ = response_logprobs(
+        logprobs, entropy, _ = response_logprobs(
             self.policy,
             rollout.sequences[rows],
             rollout.attention_mask[rows],
             rollout.prompt_width,
             self.sampling.temperature,
+            with_entropy=True,
+            chunk_size=self.hparams.logprob_chunk_size,
         )
         # μ = 1 with one minibatch: π_old = π_θ detached, so ρ = 1 and ∇ρ = ∇log π_θ (TRL)
         old = rollout.old_logprobs[rows] if rollout.old_logprobs is not None else logprobs.detach()
@@ -452,7 +446,7 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
             low, high, region = clip_fractions(torch.exp(logprobs - old), advantages, mask, epsilon, epsilon_high)
             stats = {
                 "loss": loss.detach(),
-                "entropy": masked_mean(token_entropy(logits), mask),
+                "entropy": masked_mean(entropy, mask),
                 "clip_ratio/low_mean": low,
                 "clip_ratio/high_mean": high,
                 "clip_ratio/region_mean": region,

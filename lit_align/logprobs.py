@@ -98,25 +98,50 @@ def sequence_logprobs(
     return SequenceLogps(token_logps.sum(-1), mask.sum(-1), token_logps, mask)
 
 
+class ResponseLogps(NamedTuple):
+    """Per-token values of sampled responses (the ``R`` positions after the prompt)."""
+
+    logps: Tensor  # [B, R] log π(y_t | x, y_<t) of logits / temperature
+    entropy: Tensor | None  # [B, R] entropy of softmax(logits / temperature), no gradient; with_entropy only
+    hidden: Tensor | None  # [B, T, H] the last hidden states of every position; output_hidden only
+
+
 def response_logprobs(
     model: nn.Module,
     sequences: Tensor,
     attention_mask: Tensor,
     prompt_width: int,
     temperature: float = 1.0,
-    output_hidden_states: bool = False,
-):
-    """Per-token log-probs [B, R] of the response tokens under ``model`` (logits / temperature, as sampled), the
-    scaled logits, and the model output (for hidden states)."""
-    out = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=output_hidden_states,
-        use_cache=False,
-    )
-    logits = out.logits[:, prompt_width - 1 : -1] / temperature
-    return token_logprobs(logits, sequences[:, prompt_width:]), logits, out
+    with_entropy: bool = False,
+    output_hidden: bool = False,
+    chunk_size: int | None = None,
+) -> ResponseLogps:
+    """Per-token log-probs of the response tokens after left-padded prompts (logits / temperature, as sampled),
+    optionally their entropies and the last hidden states. With ``chunk_size`` the output layer runs that many
+    positions at a time (``chunked_token_logprobs``: no [B, R, V] logits) where ``trunk_and_head`` allows."""
+    inputs = dict(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    labels = sequences[:, prompt_width:]
+    parts = trunk_and_head(model) if chunk_size else None
+    if parts is not None:
+        out = parts[0](**inputs, output_hidden_states=output_hidden, use_cache=False)
+        states = out.last_hidden_state[:, prompt_width - 1 : -1]
+        if with_entropy:
+            logps, entropy = chunked_token_logprobs_and_entropy(states, parts[1], labels, chunk_size, temperature)
+        else:
+            logps, entropy = chunked_token_logprobs(states, parts[1], labels, chunk_size, temperature), None
+    else:
+        out = model(**inputs, output_hidden_states=output_hidden, use_cache=False)
+        logits = out.logits[:, prompt_width - 1 : -1] / temperature
+        logps = token_logprobs(logits, labels)
+        entropy = token_entropy(logits.detach()) if with_entropy else None
+    return ResponseLogps(logps, entropy, out.hidden_states[-1] if output_hidden else None)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy ``[..., ]`` of the distributions ``softmax(logits)`` over the last axis (a row at a time, in
+    float32)."""
+    rows = [torch.logsumexp(row.float(), -1) - (torch.softmax(row.float(), -1) * row.float()).sum(-1) for row in logits]
+    return torch.stack(rows)
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
@@ -126,44 +151,70 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk: int, temperature: float
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        labels: Tensor,
+        chunk: int,
+        temperature: float,
+        with_entropy: bool,
     ):
+        # under autocast the matmuls run in its dtype, forward and recomputation alike (backward runs outside the
+        # autocast region, so the dtype is fixed here and the products are cast explicitly)
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            logits = _chunk_logits(hidden[rows], weight, bias, temperature)
-            out[rows] = logits.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+        entropy = torch.empty_like(out) if with_entropy else None
+        with torch.autocast(device, enabled=False):
+            head = _cast_head(weight, bias, compute)
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                logits = _chunk_logits(hidden[rows], *head, temperature)
+                normalizer = torch.logsumexp(logits, -1)
+                out[rows] = logits.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - normalizer
+                if with_entropy:
+                    entropy[rows] = normalizer - (torch.softmax(logits, -1) * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.chunk, ctx.temperature = chunk, temperature
-        return out
+        ctx.chunk, ctx.temperature, ctx.compute = chunk, temperature, compute
+        if entropy is None:
+            return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, *grad_entropy: Tensor):  # the entropy is not differentiated
         hidden, weight, bias, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        head = _cast_head(weight, bias, ctx.compute)
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            logits = _chunk_logits(hidden[rows], weight, bias, ctx.temperature)
+            logits = _chunk_logits(hidden[rows], *head, ctx.temperature)
             # d/dlogits of (logit[label] - logsumexp) = onehot(label) - softmax, times the incoming gradient
             grad_logits = torch.softmax(logits, -1).mul_(-grad_out[rows].unsqueeze(-1))
             grad_logits.scatter_add_(-1, labels[rows].unsqueeze(-1), grad_out[rows].unsqueeze(-1))
             grad_logits.div_(ctx.temperature)
+            low = grad_logits.to(ctx.compute)
             if need_hidden:
-                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), hidden[rows].float())
+                grad_hidden[rows] = (low @ head[0]).to(hidden.dtype)
+            if need_weight:  # accumulated over chunks in float32
+                grad_weight.add_(low.t() @ hidden[rows].to(ctx.compute))
             if need_bias:
                 grad_bias.add_(grad_logits.sum(0))
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _cast_head(weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -172,8 +223,25 @@ def chunked_token_logprobs(
 ) -> Tensor:
     """log π(label | context) from the last hidden states [..., H] and the output layer ``head``, ``chunk_size``
     positions at a time, in float32: peak memory grows with ``chunk_size × V``, not with the number of positions.
-    Equal to ``token_logprobs(head(hidden), labels)`` (values and gradients); the backward recomputes each chunk."""
+    Equal to ``token_logprobs(head(hidden) / temperature, labels)`` (values and gradients); the backward recomputes
+    each chunk."""
+    return _chunked(hidden, head, labels, chunk_size, temperature, with_entropy=False)
+
+
+def chunked_token_logprobs_and_entropy(
+    hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_size: int = 1024, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """``chunked_token_logprobs`` and, from the same chunks, the entropy of each position's distribution (without
+    gradient: it is logged, not trained on)."""
+    return _chunked(hidden, head, labels, chunk_size, temperature, with_entropy=True)
+
+
+def _chunked(hidden: Tensor, head: nn.Linear, labels: Tensor, chunk_size: int, temperature: float, with_entropy: bool):
     shape = labels.shape
     flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    out = _ChunkedLinearLogprobs.apply(flat_hidden, head.weight, head.bias, flat_labels, chunk_size, temperature)
+    out = _ChunkedLinearLogprobs.apply(
+        flat_hidden, head.weight, head.bias, flat_labels, chunk_size, temperature, with_entropy
+    )
+    if with_entropy:
+        return out[0].reshape(shape), out[1].reshape(shape)
     return out.reshape(shape)

@@ -313,12 +313,18 @@ class PPOModule(RolloutMechanics, AlignmentModule):
 
     def response_logprobs_and_values(
         self, model: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_width: int, with_values: bool
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """Log-probs of the response tokens under ``model`` (logits / temperature, as sampled), the values
-        V(s_t) of the states before each response token, and the per-token logits' entropy."""
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs of the response tokens under ``model`` (logits / temperature, as sampled) and the values
+        V(s_t) of the states before each response token."""
         wants_hidden = with_values and self.value_trunk is None
-        logprobs, logits, out = response_logprobs(
-            model, sequences, attention_mask, prompt_width, self.sampling.temperature, wants_hidden
+        out = response_logprobs(
+            model,
+            sequences,
+            attention_mask,
+            prompt_width,
+            self.sampling.temperature,
+            output_hidden=wants_hidden,
+            chunk_size=self.hparams.logprob_chunk_size,
         )
         values = None
         if with_values:
@@ -331,9 +337,9 @@ class PPOModule(RolloutMechanics, AlignmentModule):
                     use_cache=False,
                 ).hidden_states[-1]
             else:
-                hidden = out.hidden_states[-1]
+                hidden = out.hidden
             values = self.value_head(hidden[:, prompt_width - 1 : -1]).squeeze(-1).float()
-        return logprobs, values, logits
+        return out.logps, values
 
     def reference_response_logprobs(self, sequences: Tensor, attention_mask: Tensor, prompt_width: int) -> Tensor:
         """Response log-probs under the reference: the frozen copy, or the policy with LoRA adapters off."""
@@ -357,11 +363,10 @@ class PPOModule(RolloutMechanics, AlignmentModule):
 
         # 3. old log-probs, reference log-probs and values, without gradient
         with torch.no_grad():
-            logprobs, values, logits = self.response_logprobs_and_values(
+            logprobs, values = self.response_logprobs_and_values(
                 self.policy, sequences, attention_mask, width, self.uses_critic
             )
             ref_logprobs = self.reference_response_logprobs(sequences, attention_mask, width)
-            del logits
         referenced = time.perf_counter()
 
         # 4. KL-shaped rewards and 5. advantages
@@ -428,7 +433,7 @@ class PPOModule(RolloutMechanics, AlignmentModule):
 
     def ppo_loss(self, rollout: Rollout, rows: Tensor) -> dict[str, Tensor]:
         mask = rollout.response_mask[rows]
-        logprobs, values, _ = self.response_logprobs_and_values(
+        logprobs, values = self.response_logprobs_and_values(
             self.policy, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_width, self.uses_critic
         )
         old = rollout.logprobs[rows]

@@ -46,9 +46,10 @@ class RolloutMechanics:
         values = {"completions/mean_length": mask.sum(-1)}
         if self.reference is not None or self.uses_lora:
             args = (sample.sequences, sample.attention_mask, sample.prompt_width, temperature)
-            logprobs = response_logprobs(self.policy, *args)[0]
+            chunk = {"chunk_size": self.hparams.logprob_chunk_size}
+            logprobs = response_logprobs(self.policy, *args, **chunk).logps
             with self.reference_forward() as reference:
-                ref_logprobs = response_logprobs(reference, *args)[0]
+                ref_logprobs = response_logprobs(reference, *args, **chunk).logps
             values["drift/kl_to_init"] = ((logprobs - ref_logprobs) * mask).sum(-1)
         values.update(
             {f"diversity/{name}": torch.tensor([v]) for name, v in diversity_scores(sample.completions).items()}

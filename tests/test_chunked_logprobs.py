@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_align.logprobs import chunked_token_logprobs, trunk_and_head
+from lit_align.logprobs import (
+    chunked_token_logprobs,
+    chunked_token_logprobs_and_entropy,
+    response_logprobs,
+    trunk_and_head,
+)
 
 
 def reference_logprobs(hidden, head, labels, temperature):
@@ -111,3 +116,72 @@ def test_the_chunk_size_must_be_positive():
 
     with pytest.raises(ValueError, match="logprob_chunk_size must be >= 1"):
         DPOModule(model="tiny-llama", logprob_chunk_size=0)
+
+
+def test_the_entropy_from_the_chunks_equals_the_full_softmax_entropy():
+    torch.manual_seed(3)
+    head = torch.nn.Linear(16, 40)
+    hidden = torch.randn(3, 5, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (3, 5))
+    logps, entropy = chunked_token_logprobs_and_entropy(hidden, head, labels, chunk_size=4, temperature=0.8)
+    logits = head(hidden).double() / 0.8
+    expected = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    torch.testing.assert_close(entropy.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad and logps.requires_grad
+    torch.testing.assert_close(logps, chunked_token_logprobs(hidden, head, labels, chunk_size=4, temperature=0.8))
+
+
+def test_response_logprobs_chunked_equal_the_plain_forward_with_left_padded_prompts():
+    """PPO/GRPO/DM's per-token response log-probs, entropies, last hidden states and gradients, with and without
+    ``chunk_size``, on tiny-llama rows whose prompts are left-padded (as generation leaves them)."""
+    from lit_align.models import load_causal_lm
+
+    torch.manual_seed(4)
+    model = load_causal_lm("tiny-llama")
+    sequences = torch.randint(0, model.config.vocab_size, (3, 14))
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :3] = 0  # a shorter prompt, left-padded
+    attention_mask[2, -2:] = 0  # a response that ended early
+    results = []
+    for chunk in (None, 5):
+        model.zero_grad()
+        out = response_logprobs(model, sequences, attention_mask, 6, 0.7, True, True, chunk)
+        (out.logps * torch.linspace(-1, 1, out.logps.numel()).view_as(out.logps)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    assert chunked.logps.shape == (3, 8)
+    for mine, theirs in zip(chunked, plain, strict=True):
+        torch.testing.assert_close(mine.detach(), theirs.detach(), atol=1e-5, rtol=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_the_sampling_modules_route_their_training_forwards_through_the_chunked_head(hh_dir):
+    """GRPO with ``logprob_chunk_size``: the output layer never runs on a whole sequence (only on generation's
+    one-position steps); without it, it does."""
+    import lightning as L
+    from helpers import fit, hh_prompts
+
+    from lit_align import GRPOModule
+
+    widest = {}
+    for chunk in (None, 4):
+        L.seed_everything(0)
+        module = GRPOModule(
+            model="tiny-llama",
+            reward_funcs=[lambda prompts, completions, **kwargs: [float(len(c)) for c in completions]],
+            num_generations=2,
+            sampling={"max_new_tokens": 4},
+            beta=0.04,
+            num_iterations=2,
+            logprob_chunk_size=chunk,
+        )
+        module.configure_model()
+        widths: list[int] = []
+        module.policy.get_output_embeddings().register_forward_hook(
+            lambda head, inputs, output, widths=widths: widths.append(inputs[0].shape[1])
+        )
+        fit(module, hh_prompts(hh_dir, batch_size=2, limit_train=2), max_steps=2)
+        widest[chunk] = max(widths)
+    assert widest[None] > 1 and widest[4] == 1

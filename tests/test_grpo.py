@@ -308,7 +308,7 @@ def test_micro_batches_add_up_to_the_loss_of_the_whole_minibatch(loss_type):
     response_mask = (torch.arange(6)[None, :] < torch.tensor([6, 1, 4, 2])[:, None]).long()
     attention_mask = torch.cat([torch.ones(4, 3, dtype=torch.long), response_mask], dim=1)
     with torch.no_grad():
-        logprobs = response_logprobs(module.policy, sequences, attention_mask, 3)[0]
+        logprobs = response_logprobs(module.policy, sequences, attention_mask, 3).logps
     noise = 0.3 * torch.randn(4, 6, generator=generator)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     rollout = GRPORollout(sequences, attention_mask, 3, response_mask, advantages, logprobs - noise, logprobs + noise)
@@ -325,7 +325,7 @@ def test_micro_batches_add_up_to_the_loss_of_the_whole_minibatch(loss_type):
     micro_batched = gradients()
 
     def whole(part: Tensor) -> Tensor:
-        current = response_logprobs(module.policy, sequences[part], attention_mask[part], 3)[0]
+        current = response_logprobs(module.policy, sequences[part], attention_mask[part], 3).logps
         per_token = grpo_token_loss(
             current, rollout.old_logprobs[part], advantages[part], rollout.ref_logprobs[part], beta=0.1
         )
