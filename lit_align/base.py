@@ -127,11 +127,11 @@ class AlignmentModule(L.LightningModule):
         warmup_ratio, warmup_steps: linear warm-up, as a fraction of all optimizer steps or a count (count wins).
         gradient_checkpointing: activation checkpointing per decoder layer (transformers' non-reentrant
             checkpointing, which composes with FSDP2's per-layer sharding): trade compute for activation memory.
-        logprob_chunk_size: compute the output layer and the completion log-probs of DPO/KTO/SFT/reward-free scoring
-            this many positions at a time, recomputing each chunk in backward (``logprobs.chunked_token_logprobs``):
-            peak memory grows with chunk × vocabulary instead of tokens × vocabulary. ``None``: one [B, T, V]
-            logits tensor (Hugging Face's forward). Falls back to the plain forward where the model's head is not a
-            plain linear layer or its weights are sharded (FSDP2).
+        logprob_chunk_size: compute the output layer and the log-probs (DPO/KTO/SFT/reward-free scoring; PPO, GRPO
+            and DM response log-probs, GRPO's entropy) this many positions at a time, recomputing each chunk in
+            backward (``logprobs.chunked_token_logprobs``): peak memory grows with chunk × vocabulary instead of
+            tokens × vocabulary. ``None``: one [B, T, V] logits tensor (Hugging Face's forward). Falls back to the
+            plain forward where the model's head is not a plain linear layer or its weights are sharded (FSDP2).
         gather_for_generation: under FSDP2, all-gather a model's weights once per ``generate`` call and keep them
             until it returns, instead of gathering and freeing each layer for every new token. Costs one full,
             unsharded copy of that model's weights per rank during generation (as under DDP); set False when

@@ -47,7 +47,7 @@ EXPECTED_TRAINER = {
     "controlled/female_biographies.yaml": (_online(30, 30, -1), "controlled_female_biographies", []),
     "controlled/positive_sentiment.yaml": (_online(30, 30, -1), "controlled_positive_sentiment", []),
     "controlled/science_wordlist.yaml": (_online(30, 30, -1), "controlled_science_wordlist", []),
-    "hh/dpo.yaml": (OFFLINE, "hh_dpo", []),
+    "hh/dpo.yaml": ({**OFFLINE, "precision": "auto"}, "hh_dpo", []),
     "hh/dpo_online_merging.yaml": (OFFLINE, "hh_dpo_online_merging", ["callbacks.OnlineMerging"]),
     "hh/dpo_reference_soup.yaml": (OFFLINE, "hh_dpo_reference_soup", ["callbacks.ReferenceSoup"]),
     "hh/ipo.yaml": (OFFLINE, "hh_ipo", []),
