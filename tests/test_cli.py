@@ -55,7 +55,7 @@ EXPECTED_TRAINER = {
     "hh/reward_model.yaml": (OFFLINE, "hh_reward_model", []),
     "hh/sft.yaml": (OFFLINE, "hh_sft", []),
     "imdb/grpo.yaml": (IMDB, "imdb_grpo", []),
-    "imdb/ppo.yaml": (IMDB, "imdb_ppo", ["callbacks.RewardDriftPlot"]),
+    "imdb/ppo.yaml": ({**IMDB, "precision": "auto"}, "imdb_ppo", ["callbacks.RewardDriftPlot"]),
     "imdb/ppo_elastic_reset.yaml": (IMDB, "imdb_ppo_elastic_reset", ["callbacks.ElasticReset"]),
     "imdb/ppo_interpolation_sweep.yaml": (IMDB, "imdb_ppo_interpolation", ["callbacks.WeightInterpolation"]),
     "multi30k/ppo_pivot.yaml": (_online(8, 8, -1), "multi30k_pivot", []),
