@@ -68,9 +68,13 @@ class AlignTrainer(Trainer):
 
 
 class AlignCLI(LightningCLI):
-    """LightningCLI with the shared trainer defaults, a ``ModelCheckpoint`` that keeps ``last.ckpt`` (options under
-    ``--checkpoint.*``; off with ``--trainer.enable_checkpointing false``), and a ``--ckpt_path`` that never
-    overrides the command line (``_parse_ckpt_path``)."""
+    """LightningCLI with the shared trainer defaults, ``--trainer.precision auto`` (``AlignTrainer``), a
+    ``ModelCheckpoint`` that keeps ``last.ckpt`` (options under ``--checkpoint.*``; off with
+    ``--trainer.enable_checkpointing false``), and a ``--ckpt_path`` that never overrides the command line
+    (``_parse_ckpt_path``)."""
+
+    def __init__(self, *args: Any, trainer_class: type[Trainer] = AlignTrainer, **kwargs: Any) -> None:
+        super().__init__(*args, trainer_class=trainer_class, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         if not TRAINER_DEFAULTS_FILE.is_file():
@@ -253,7 +257,6 @@ def run_cli(defaults: list[str], args: list[str] | None) -> AlignCLI:
     return AlignCLI(
         AlignmentModule,
         BenchmarkDataModule,
-        trainer_class=AlignTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
