@@ -262,6 +262,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         reference_dtype=args.reference_dtype,
         logprob_chunk_size=args.chunk,
         gradient_checkpointing=args.gradient_checkpointing,
+        compile_layers=args.compile,
         seed=0,
     )
     datamodule = make_datamodule(args)
@@ -633,6 +634,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-dtype", default="float32", help="dtype the frozen reference is held in")
     parser.add_argument("--chunk", type=int, default=None, help="lit-align's logprob_chunk_size (default: off)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="all three")
+    parser.add_argument("--compile", action="store_true", help="lit-align's compile_layers (torch.compile per layer)")
     parser.add_argument(
         "--group-by-length", action="store_true", help="length-grouped batches (the same batches for all three)"
     )

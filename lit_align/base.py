@@ -50,6 +50,7 @@ from lit_align.models import (
     EMBEDDED_MODEL,
     LoraSettings,
     apply_lora,
+    compile_decoder_layers,
     load_causal_lm,
     load_tokenizer,
     torch_dtype,
@@ -132,6 +133,9 @@ class AlignmentModule(L.LightningModule):
             backward (``logprobs.chunked_token_logprobs``): peak memory grows with chunk × vocabulary instead of
             tokens × vocabulary. ``None``: one [B, T, V] logits tensor (Hugging Face's forward). Falls back to the
             plain forward where the model's head is not a plain linear layer or its weights are sharded (FSDP2).
+        compile_layers: ``torch.compile`` each decoder layer of the policy and of the reference (inductor, dynamic
+            shapes): the first batches of each new shape pay the compilation (minutes on a CPU), later steps run the
+            compiled layers (benchmarks/README.md, "torch.compile"). Needs a C++ compiler on CPU, Triton on GPU.
         gather_for_generation: under FSDP2, all-gather a model's weights once per ``generate`` call and keep them
             until it returns, instead of gathering and freeing each layer for every new token. Costs one full,
             unsharded copy of that model's weights per rank during generation (as under DDP); set False when
@@ -167,6 +171,7 @@ class AlignmentModule(L.LightningModule):
         warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
         logprob_chunk_size: int | None = None,
+        compile_layers: bool = False,
         gather_for_generation: bool = True,
         disable_dropout: bool = True,
         export_dir: str | None = None,
@@ -278,6 +283,10 @@ class AlignmentModule(L.LightningModule):
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False
         self.policy = policy.train()  # from_pretrained returns eval mode; HF checkpointing needs train mode
+        if self.hparams.compile_layers:
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    compile_decoder_layers(model)
         self.build_extra_modules()
         self._shard_for_model_parallel()
 

@@ -392,3 +392,19 @@ def apply_lora(
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper (the model itself when it has none)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers model (the classes it lists in ``_no_split_modules``), through peft."""
+    layer_classes = set(getattr(unwrap_peft(model), "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in layer_classes]
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """``torch.compile`` each decoder layer in place (``dynamic=True``: batches change length); returns how many.
+    Compilation happens at the first forward of each new shape class (inductor: a C++ compiler on CPU, Triton on
+    GPU)."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

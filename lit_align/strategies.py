@@ -21,7 +21,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lit_align.models import unwrap_peft
+from lit_align.models import decoder_layers
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -91,10 +91,8 @@ def fully_shard_models(models: Iterable[nn.Module | None], mesh: DeviceMesh) -> 
     for model in models:
         if model is None or isinstance(model, FSDPModule):
             continue
-        layer_classes = set(getattr(unwrap_peft(model), "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in layer_classes:
-                fully_shard(module, mesh=mesh)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
 
 
