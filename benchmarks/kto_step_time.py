@@ -20,22 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from timing import StepTimer, peak_rss_gb, quiet_trainer, trl_step_timer
 
 MODEL = "smollm2-135m-instruct"
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def make_datamodule(args: argparse.Namespace):
@@ -72,22 +67,7 @@ def planned_batches(args: argparse.Namespace) -> tuple[Any, list[dict]]:
 
 
 def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
-    import lightning as L
-
     from lit_align import KTOModule
-
-    class Timer(L.Callback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.ends: list[float] = []
-            self.losses: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.starts.append(time.perf_counter())
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.ends.append(time.perf_counter())
-            self.losses.append(float(outputs["loss"]))
 
     torch.manual_seed(args.seed)
     module = KTOModule(
@@ -99,20 +79,8 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         disable_dropout=True,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    timer = Timer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=args.precision,
-        max_steps=args.warmup_steps + args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
+    timer = StepTimer()
+    trainer = quiet_trainer(args.precision, args.warmup_steps + args.steps, [timer])
     trainer.fit(module, datamodule=make_datamodule(args))
     return {"starts": timer.starts, "ends": timer.ends, "losses": timer.losses}
 
@@ -120,23 +88,11 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
 def run_trl(args: argparse.Namespace, datamodule, batches: list[dict]) -> dict[str, Any]:
     try:
         import datasets
-        from transformers import TrainerCallback
         from trl import KTOConfig, KTOTrainer
     except Exception as err:  # noqa: BLE001 — any import failure means "skip TRL", reported
         return {"skipped": f"TRL could not be imported ({type(err).__name__}: {err}); pip install 'trl>=1.0'"}
 
     from lit_align.models import load_causal_lm, load_tokenizer
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.ends: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.starts.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
 
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(MODEL)
@@ -173,7 +129,7 @@ def run_trl(args: argparse.Namespace, datamodule, batches: list[dict]) -> dict[s
         disable_dropout=True,
         seed=args.seed,
     )
-    timer = Timer()
+    timer = trl_step_timer()
     torch.manual_seed(args.seed)
     trainer = KTOTrainer(
         model=load_causal_lm(MODEL),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -31,12 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import StepTimer, peak_rss_gb, quiet_trainer, trl_step_timer
 
 PROMPTS, K, NEW_TOKENS, KL, LR = 4, 4, 32, 0.05, 6e-5
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def openers(count: int, seed: int) -> list[str]:
@@ -63,18 +59,14 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
     from lit_align import PPOModule
     from lit_align.rewards import LexiconSentimentReward
 
-    class Timer(L.Callback):
+    class Timer(StepTimer):
         def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.ends: list[float] = []
+            super().__init__()
             self.lengths: list[float] = []
             self.rewards: list[float] = []
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.starts.append(time.perf_counter())
-
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.ends.append(time.perf_counter())
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             logged = trainer.callback_metrics
             self.lengths.append(float(logged.get("completions/mean_length", float("nan"))))
             self.rewards.append(float(logged.get("objective/scores", float("nan"))))
@@ -97,20 +89,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         gradient_checkpointing=args.gradient_checkpointing,
     )
     timer = Timer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=args.precision,
-        max_steps=args.warmup + args.iterations,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        callbacks=[timer],
-    )
+    trainer = quiet_trainer(args.precision, args.warmup + args.iterations, [timer])
     trainer.fit(module, datamodule=IMDBDataModule(batch_size=PROMPTS, seed=args.seed))
     return summary(timer.starts, timer.ends, timer.lengths, timer.rewards, args.warmup)
 
@@ -118,7 +97,6 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import datasets
-        from transformers import TrainerCallback
         from trl import RLOOConfig, RLOOTrainer
     except Exception as err:  # noqa: BLE001 — any import failure means "skip TRL", reported
         return {"skipped": f"TRL could not be imported ({type(err).__name__}: {err}); pip install 'trl>=1.0'"}
@@ -130,17 +108,6 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
     def vader(prompts, completions, **kwargs) -> list[float]:
         return reward.score(prompts, completions, None).tolist()
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.ends: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.starts.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
 
     datasets.disable_progress_bars()
     steps = args.warmup + args.iterations
@@ -176,7 +143,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         disable_dropout=True,
         seed=args.seed,
     )
-    timer = Timer()
+    timer = trl_step_timer()
     trainer = RLOOTrainer(
         model=load_causal_lm("smollm2-135m-instruct"),
         reward_funcs=[vader],
