@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timing import quiet_trainer
 from torch import Tensor, nn
 
 IMPLEMENTATIONS = ("bare", "lit-align", "trl")
@@ -267,20 +268,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
     )
     datamodule = make_datamodule(args)
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=args.precision,
-        max_steps=args.warmup_steps + args.steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
+    trainer = quiet_trainer(args.precision, args.warmup_steps + args.steps, [timer])
     trainer.fit(module, datamodule=datamodule)
     result = {
         **timed_stats(timer.starts, timer.ends, args.warmup_steps),
