@@ -87,6 +87,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         max_grad_norm=1.0,
         drift_texts=0,
         gradient_checkpointing=args.gradient_checkpointing,
+        compile_layers=args.compile,
     )
     timer = Timer()
     trainer = quiet_trainer(args.precision, args.warmup + args.iterations, [timer])
@@ -178,6 +179,7 @@ def main() -> int:
     parser.add_argument("--only", choices=("lit-align", "trl"), required=True)
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="lit-align's compile_layers")
     parser.add_argument("--iterations", type=int, default=6, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--seed", type=int, default=0)
