@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from timing import StepTimer, peak_rss_gb, quiet_trainer, trl_step_timer
 
-PROMPTS, K, NEW_TOKENS, KL, LR = 4, 4, 32, 0.05, 6e-5
+PROMPTS, K, NEW_TOKENS, KL, GRPO_BETA, LR = 4, 4, 32, 0.05, 0.04, 6e-5
 
 
 def openers(count: int, seed: int) -> list[str]:
@@ -56,7 +56,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
     from datamodules import IMDBDataModule
-    from lit_align import PPOModule
+    from lit_align import GRPOModule, PPOModule
     from lit_align.rewards import LexiconSentimentReward
 
     class Timer(StepTimer):
@@ -69,19 +69,12 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             logged = trainer.callback_metrics
             self.lengths.append(float(logged.get("completions/mean_length", float("nan"))))
-            self.rewards.append(float(logged.get("objective/scores", float("nan"))))
+            self.rewards.append(float(logged.get("objective/scores", logged.get("reward", float("nan")))))
 
     L.seed_everything(args.seed)
-    module = PPOModule(
+    shared = dict(
         model="smollm2-135m-instruct",
-        reward=LexiconSentimentReward(text="completion"),
-        advantage_estimator="rloo",
-        samples_per_prompt=K,
         sampling={"max_new_tokens": NEW_TOKENS, "temperature": 1.0},
-        kl_coef=KL,
-        kl_estimator="k1",
-        ppo_epochs=1,
-        num_mini_batches=1,
         learning_rate=LR,
         lr_scheduler="constant",
         max_grad_norm=1.0,
@@ -89,6 +82,29 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         gradient_checkpointing=args.gradient_checkpointing,
         compile_layers=args.compile,
     )
+    if args.algorithm == "grpo":  # configs/imdb/grpo.yaml
+        module = GRPOModule(
+            reward_funcs=[LexiconSentimentReward(text="completion")],
+            beta=GRPO_BETA,
+            num_generations=K,
+            scale_rewards=True,
+            loss_type="grpo",
+            epsilon=0.2,
+            num_iterations=1,
+            num_mini_batches=1,
+            **shared,
+        )
+    else:  # configs/imdb/ppo.yaml
+        module = PPOModule(
+            reward=LexiconSentimentReward(text="completion"),
+            advantage_estimator="rloo",
+            samples_per_prompt=K,
+            kl_coef=KL,
+            kl_estimator="k1",
+            ppo_epochs=1,
+            num_mini_batches=1,
+            **shared,
+        )
     timer = Timer()
     trainer = quiet_trainer(args.precision, args.warmup + args.iterations, [timer])
     trainer.fit(module, datamodule=IMDBDataModule(batch_size=PROMPTS, seed=args.seed))
@@ -98,7 +114,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     try:
         import datasets
-        from trl import RLOOConfig, RLOOTrainer
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
     except Exception as err:  # noqa: BLE001 — any import failure means "skip TRL", reported
         return {"skipped": f"TRL could not be imported ({type(err).__name__}: {err}); pip install 'trl>=1.0'"}
 
@@ -114,7 +130,13 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.warmup + args.iterations
     prompts = openers(steps * PROMPTS, args.seed)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    config = RLOOConfig(
+    if args.algorithm == "grpo":
+        config_class, trainer_class = GRPOConfig, GRPOTrainer
+        algorithm = dict(beta=GRPO_BETA, loss_type="grpo", epsilon=0.2, scale_rewards="group")
+    else:
+        config_class, trainer_class, algorithm = RLOOConfig, RLOOTrainer, dict(beta=KL)
+    config = config_class(
+        **algorithm,
         output_dir=tempfile.mkdtemp(prefix="rloo_iteration_trl_"),
         per_device_train_batch_size=PROMPTS * K,
         num_generations=K,
@@ -122,7 +144,6 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         temperature=1.0,
         top_p=1.0,
         top_k=0,
-        beta=KL,
         num_iterations=1,
         steps_per_generation=1,
         learning_rate=LR,
@@ -145,7 +166,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
     )
     timer = trl_step_timer()
-    trainer = RLOOTrainer(
+    trainer = trainer_class(
         model=load_causal_lm("smollm2-135m-instruct"),
         reward_funcs=[vader],
         args=config,
@@ -177,6 +198,7 @@ def summary(starts, ends, lengths, rewards, warmup: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("lit-align", "trl"), required=True)
+    parser.add_argument("--algorithm", choices=("rloo", "grpo"), default="rloo", help="grpo: configs/imdb/grpo.yaml")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="lit-align's compile_layers")
@@ -195,7 +217,8 @@ def main() -> int:
     result["config"] = vars(args)
     result["torch"] = torch.__version__
     print(json.dumps({k: v for k, v in result.items() if k != "iteration_s"}, indent=1))
-    out = args.out or f"benchmarks/results/rloo_iteration_{args.only}_{args.precision}.json"
+    prefix = "rloo_iteration" if args.algorithm == "rloo" else "grpo_iteration"
+    out = args.out or f"benchmarks/results/{prefix}_{args.only}_{args.precision}.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
