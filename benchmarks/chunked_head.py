@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from timing import peak_rss_gb
 
 MODES = ("plain", "chunk", "checkpointing", "chunk+checkpointing")
 
@@ -65,7 +66,7 @@ def one_setting(length: int, pairs: int, mode: str, chunk: int, precision: str, 
         "length": length,
         "mode": mode,
         "step_s": statistics.median(times[1:]),
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak_rss_gb": peak_rss_gb(),
     }
 
 

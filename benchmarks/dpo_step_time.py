@@ -37,7 +37,6 @@ import platform
 import resource
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timing import quiet_trainer
+from timing import quiet_trainer, trl_settings
 from torch import Tensor, nn
 
 IMPLEMENTATIONS = ("bare", "lit-align", "trl")
@@ -370,42 +369,27 @@ def run_trl(args: argparse.Namespace, datamodule, batches: list[dict]) -> dict[s
     tokenizer = load_tokenizer(args.model)
     rows = trl_records(args, datamodule, batches, tokenizer)
     dataset = datasets.Dataset.from_list(rows)
+    steps = args.warmup_steps + args.steps
     wanted = dict(
-        output_dir=tempfile.mkdtemp(prefix="dpo_step_time_trl_"),
+        **trl_settings("dpo_step_time", steps, args.lr, 0.0, args.precision, args.gradient_checkpointing, args.seed),
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1,
-        max_steps=args.warmup_steps + args.steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",
-        weight_decay=0.0,
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_epsilon=1e-8,
-        max_grad_norm=0.0,
         beta=args.beta,
         loss_type=["sigmoid"],
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,  # only in TRL versions that have it (not 1.x)
         truncation_mode="keep_start",
-        gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.precision == "bf16-mixed",
         fp16=False,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
         eval_strategy="no",
-        logging_steps=args.warmup_steps + args.steps,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         dataloader_pin_memory=False,
         train_sampling_strategy="sequential",
-        disable_dropout=True,
         precompute_ref_log_probs=False,
-        seed=args.seed,
         data_seed=args.seed,
     )
+    wanted["logging_steps"] = steps  # only the last step: TRL's per-step logging is part of what it costs
     fields = DPOConfig.__dataclass_fields__
     ignored = sorted(k for k in wanted if k not in fields)
     config = DPOConfig(**{k: v for k, v in wanted.items() if k in fields})

@@ -22,13 +22,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from timing import StepTimer, peak_rss_gb, quiet_trainer, trl_step_timer
+from timing import StepTimer, peak_rss_gb, quiet_trainer, trl_settings, trl_step_timer
 
 MODEL = "smollm2-135m-instruct"
 
@@ -103,31 +102,15 @@ def run_trl(args: argparse.Namespace, datamodule, batches: list[dict]) -> dict[s
             record = data.records[index]
             prompt = tokenizer.decode(data[index]["prompt_ids"])
             rows.append({"prompt": prompt, "completion": record["completion"], "label": bool(record["label"])})
+    steps = args.warmup_steps + args.steps
     config = KTOConfig(
-        output_dir=tempfile.mkdtemp(prefix="kto_step_time_trl_"),
+        **trl_settings("kto_step_time", steps, args.lr, 0.0, args.precision, args.gradient_checkpointing, args.seed),
         per_device_train_batch_size=args.batch_size,
-        max_steps=args.warmup_steps + args.steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
         beta=0.1,
         desirable_weight=1.0,
         undesirable_weight=1.0,
         max_length=args.max_length,
-        gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.precision == "bf16-mixed",
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         train_sampling_strategy="sequential",
-        disable_dropout=True,
-        seed=args.seed,
     )
     timer = trl_step_timer()
     torch.manual_seed(args.seed)

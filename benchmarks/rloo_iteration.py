@@ -23,14 +23,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from timing import StepTimer, peak_rss_gb, quiet_trainer, trl_step_timer
+from timing import StepTimer, peak_rss_gb, quiet_trainer, trl_settings, trl_step_timer
 
 PROMPTS, K, NEW_TOKENS, KL, GRPO_BETA, LR = 4, 4, 32, 0.05, 0.04, 6e-5
 
@@ -137,7 +136,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         config_class, trainer_class, algorithm = RLOOConfig, RLOOTrainer, dict(beta=KL)
     config = config_class(
         **algorithm,
-        output_dir=tempfile.mkdtemp(prefix="rloo_iteration_trl_"),
+        **trl_settings("rloo_iteration", steps, LR, 1.0, args.precision, args.gradient_checkpointing, args.seed),
         per_device_train_batch_size=PROMPTS * K,
         num_generations=K,
         max_completion_length=NEW_TOKENS,
@@ -146,24 +145,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         top_k=0,
         num_iterations=1,
         steps_per_generation=1,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        max_steps=steps,
-        bf16=args.precision == "bf16-mixed",
-        gradient_checkpointing=args.gradient_checkpointing,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         shuffle_dataset=False,
-        disable_dropout=True,
-        seed=args.seed,
     )
     timer = trl_step_timer()
     trainer = trainer_class(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -70,4 +71,38 @@ def quiet_trainer(precision: str, max_steps: int, callbacks: list[L.Callback]) -
         limit_val_batches=0,
         log_every_n_steps=1,
         callbacks=callbacks,
+    )
+
+
+def trl_settings(
+    name: str,
+    max_steps: int,
+    learning_rate: float,
+    max_grad_norm: float,
+    precision: str,
+    checkpointing: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """The TrainingArguments every TRL run here shares: one CPU process, nothing logged or saved beyond the trainer's
+    log history, torch's AdamW at a constant rate without weight decay or warm-up, dropout off, bf16 autocast for
+    ``precision="bf16-mixed"`` (``name`` prefixes the scratch output directory)."""
+    return dict(
+        output_dir=tempfile.mkdtemp(prefix=f"{name}_trl_"),
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=max_grad_norm,
+        bf16=precision == "bf16-mixed",
+        gradient_checkpointing=checkpointing,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        seed=seed,
     )

@@ -140,8 +140,8 @@ def response_logprobs(
 def token_entropy(logits: Tensor) -> Tensor:
     """Entropy ``[..., ]`` of the distributions ``softmax(logits)`` over the last axis (a row at a time, in
     float32)."""
-    rows = [torch.logsumexp(row.float(), -1) - (torch.softmax(row.float(), -1) * row.float()).sum(-1) for row in logits]
-    return torch.stack(rows)
+    rows = (row.float() for row in logits)
+    return torch.stack([torch.logsumexp(row, -1) - (torch.softmax(row, -1) * row).sum(-1) for row in rows])
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
