@@ -44,7 +44,7 @@ from lit_align.generation import (
     repeat_rows,
     sample_responses,
 )
-from lit_align.logprobs import SequenceLogps, sequence_logprobs
+from lit_align.logprobs import ResponseLogps, SequenceLogps, response_logprobs, sequence_logprobs
 from lit_align.metrics import StageMetrics
 from lit_align.models import (
     EMBEDDED_MODEL,
@@ -337,6 +337,23 @@ class AlignmentModule(L.LightningModule):
     def policy_logprobs(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> SequenceLogps:
         chunk = self.hparams.get("logprob_chunk_size")
         return sequence_logprobs(self.policy, input_ids, attention_mask, completion_mask, chunk)
+
+    def response_logprobs_of(
+        self,
+        model: nn.Module,
+        sequences: Tensor,
+        attention_mask: Tensor,
+        prompt_width: int,
+        temperature: float,
+        with_entropy: bool = False,
+        output_hidden: bool = False,
+    ) -> ResponseLogps:
+        """``logprobs.response_logprobs`` of sampled responses under ``model``, with this module's
+        ``logprob_chunk_size`` (PPO, GRPO, DM and the drift metrics of fresh samples)."""
+        chunk = self.hparams.get("logprob_chunk_size")
+        return response_logprobs(
+            model, sequences, attention_mask, prompt_width, temperature, with_entropy, output_hidden, chunk
+        )
 
     @contextmanager
     def reference_forward(self) -> Iterator[nn.Module]:

@@ -44,7 +44,6 @@ from datamodules.keys import PROMPT, PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS
 from lit_align.base import AlignmentModule
 from lit_align.ebm import DistributionalConstraint, TargetEBM, importance_kl, importance_tvd
 from lit_align.generation import SamplingSettings, decode_responses
-from lit_align.logprobs import response_logprobs
 from lit_align.losses import dpg_loss, masked_mean_var
 from lit_align.metrics import DIVERSITY_NAMES, StageMetrics, diversity_scores
 from lit_align.strategies import reshard
@@ -172,14 +171,7 @@ class DistributionMatchingModule(AlignmentModule):
     def sequence_logprobs_of(self, model: nn.Module, sequences: Tensor, attention_mask: Tensor, width: int,
                              response_mask: Tensor) -> Tensor:  # fmt: skip
         """log model(x) of each sampled completion: the sum over its tokens up to and including EOS."""
-        logprobs = response_logprobs(
-            model,
-            sequences,
-            attention_mask,
-            width,
-            self.sampling.temperature,
-            chunk_size=self.hparams.logprob_chunk_size,
-        ).logps
+        logprobs = self.response_logprobs_of(model, sequences, attention_mask, width, self.sampling.temperature).logps
         return (logprobs * response_mask.to(logprobs.dtype)).sum(-1)
 
     def reference_sequence_logprobs(self, sequences, attention_mask, width, response_mask) -> Tensor:

@@ -42,7 +42,6 @@ from torch import Tensor, nn
 from datamodules.keys import PROMPT
 from lit_align.base import AlignmentModule
 from lit_align.generation import Completions, SamplingSettings
-from lit_align.logprobs import response_logprobs
 from lit_align.losses import kl_penalty, masked_mean
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
 from lit_align.ppo import group_normalized_advantages
@@ -340,13 +339,12 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
 
         # π_old (when the policy moves before the loss is taken) and π_ref (when β ≠ 0), without gradient
         args = (sample.sequences, sample.attention_mask, sample.prompt_width, self.sampling.temperature)
-        chunk = {"chunk_size": self.hparams.logprob_chunk_size}
         with torch.no_grad():
-            old_logprobs = response_logprobs(self.policy, *args, **chunk).logps if self.keeps_old_logprobs else None
+            old_logprobs = self.response_logprobs_of(self.policy, *args).logps if self.keeps_old_logprobs else None
             ref_logprobs = None
             if self.hparams.beta != 0.0:
                 with self.reference_forward() as reference:
-                    ref_logprobs = response_logprobs(reference, *args, **chunk).logps
+                    ref_logprobs = self.response_logprobs_of(reference, *args).logps
         referenced = time.perf_counter()
 
         rollout = GRPORollout(
@@ -426,14 +424,13 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
     def grpo_loss(self, rollout: GRPORollout, rows: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The ``loss_type`` aggregate of the per-token loss over the micro-batch ``rows``, and detached statistics."""
         mask = rollout.response_mask[rows].float()
-        logprobs, entropy, _ = response_logprobs(
+        logprobs, entropy, _ = self.response_logprobs_of(
             self.policy,
             rollout.sequences[rows],
             rollout.attention_mask[rows],
             rollout.prompt_width,
             self.sampling.temperature,
             with_entropy=True,
-            chunk_size=self.hparams.logprob_chunk_size,
         )
         # μ = 1 with one minibatch: π_old = π_θ detached, so ρ = 1 and ∇ρ = ∇log π_θ (TRL)
         old = rollout.old_logprobs[rows] if rollout.old_logprobs is not None else logprobs.detach()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lit_align.base import AlignmentModule
 from lit_align.generation import Completions, SamplingSettings
-from lit_align.logprobs import position_ids, response_logprobs
+from lit_align.logprobs import position_ids
 from lit_align.losses import clipped_policy_loss, clipped_value_loss, kl_penalty, masked_mean, masked_whiten
 from lit_align.metrics import DIVERSITY_NAMES, Perplexity, StageMetrics
 from lit_align.models import load_causal_lm, unwrap_peft
@@ -317,14 +317,8 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         """Log-probs of the response tokens under ``model`` (logits / temperature, as sampled) and the values
         V(s_t) of the states before each response token."""
         wants_hidden = with_values and self.value_trunk is None
-        out = response_logprobs(
-            model,
-            sequences,
-            attention_mask,
-            prompt_width,
-            self.sampling.temperature,
-            output_hidden=wants_hidden,
-            chunk_size=self.hparams.logprob_chunk_size,
+        out = self.response_logprobs_of(
+            model, sequences, attention_mask, prompt_width, self.sampling.temperature, output_hidden=wants_hidden
         )
         values = None
         if with_values:

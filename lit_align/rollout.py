@@ -18,7 +18,7 @@ from torch import Tensor
 
 from datamodules.collation import pad_rows
 from lit_align.generation import Completions
-from lit_align.logprobs import response_logprobs, token_logprobs
+from lit_align.logprobs import token_logprobs
 from lit_align.metrics import diversity_scores
 
 
@@ -46,10 +46,9 @@ class RolloutMechanics:
         values = {"completions/mean_length": mask.sum(-1)}
         if self.reference is not None or self.uses_lora:
             args = (sample.sequences, sample.attention_mask, sample.prompt_width, temperature)
-            chunk = {"chunk_size": self.hparams.logprob_chunk_size}
-            logprobs = response_logprobs(self.policy, *args, **chunk).logps
+            logprobs = self.response_logprobs_of(self.policy, *args).logps
             with self.reference_forward() as reference:
-                ref_logprobs = response_logprobs(reference, *args, **chunk).logps
+                ref_logprobs = self.response_logprobs_of(reference, *args).logps
             values["drift/kl_to_init"] = ((logprobs - ref_logprobs) * mask).sum(-1)
         values.update(
             {f"diversity/{name}": torch.tensor([v]) for name, v in diversity_scores(sample.completions).items()}
