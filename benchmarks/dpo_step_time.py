@@ -161,7 +161,9 @@ def run_bare(args: argparse.Namespace, batches: list[dict]) -> dict[str, Any]:
     for module in policy.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True
+    )
     starts, ends, losses, widths = [], [], [], []
     first_logps: dict[str, list[float]] = {}
     threads = None

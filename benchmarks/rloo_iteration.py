@@ -63,12 +63,14 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
             super().__init__()
             self.lengths: list[float] = []
             self.rewards: list[float] = []
+            self.phases: list[dict[str, float]] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             logged = trainer.callback_metrics
             self.lengths.append(float(logged.get("completions/mean_length", float("nan"))))
             self.rewards.append(float(logged.get("objective/scores", logged.get("reward", float("nan")))))
+            self.phases.append({k: float(v) for k, v in logged.items() if k.startswith("time/")})
 
     L.seed_everything(args.seed)
     shared = dict(
@@ -80,6 +82,7 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
         drift_texts=0,
         gradient_checkpointing=args.gradient_checkpointing,
         compile_layers=args.compile,
+        reference_dtype=args.reference_dtype,
     )
     if args.algorithm == "grpo":  # configs/imdb/grpo.yaml
         module = GRPOModule(
@@ -107,7 +110,10 @@ def run_lit_align(args: argparse.Namespace) -> dict[str, Any]:
     timer = Timer()
     trainer = quiet_trainer(args.precision, args.warmup + args.iterations, [timer])
     trainer.fit(module, datamodule=IMDBDataModule(batch_size=PROMPTS, seed=args.seed))
-    return summary(timer.starts, timer.ends, timer.lengths, timer.rewards, args.warmup)
+    result = summary(timer.starts, timer.ends, timer.lengths, timer.rewards, args.warmup)
+    timed = timer.phases[args.warmup :]
+    result["phase_median_s"] = {k: statistics.median(p[k] for p in timed) for k in timed[0]} if timed else {}
+    return result
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,6 +190,7 @@ def main() -> int:
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="lit-align's compile_layers")
+    parser.add_argument("--reference-dtype", default=None, help="lit-align's reference_dtype (e.g. bfloat16)")
     parser.add_argument("--iterations", type=int, default=6, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--seed", type=int, default=0)

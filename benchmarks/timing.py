@@ -84,7 +84,7 @@ def trl_settings(
     seed: int,
 ) -> dict[str, Any]:
     """The TrainingArguments every TRL run here shares: one CPU process, nothing logged or saved beyond the trainer's
-    log history, torch's AdamW at a constant rate without weight decay or warm-up, dropout off, bf16 autocast for
+    log history, torch's fused AdamW at a constant rate without weight decay or warm-up, dropout off, bf16 autocast for
     ``precision="bf16-mixed"`` (``name`` prefixes the scratch output directory)."""
     return dict(
         output_dir=tempfile.mkdtemp(prefix=f"{name}_trl_"),
@@ -92,7 +92,7 @@ def trl_settings(
         learning_rate=learning_rate,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # transformers' default; lit-align's AdamW is fused too (and the bare loop's)
         weight_decay=0.0,
         max_grad_norm=max_grad_norm,
         bf16=precision == "bf16-mixed",

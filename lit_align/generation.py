@@ -9,7 +9,14 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,9 @@ class SamplingSettings:
 
     Pure ancestral sampling (temperature 1, no top-k / top-p) is the default: log-probs are then those of the
     distribution the samples come from, which PPO's ratios and distribution matching's importance weights assume.
+    ``cache_implementation`` is passed to ``generate``: ``"static"`` pre-allocates the KV cache, and on CUDA
+    transformers then compiles the decoding step. On a CPU it does not pay (``benchmarks/README.md``), so the
+    default (None) is transformers' dynamic cache.
     """
 
     max_new_tokens: int = 32
@@ -25,6 +35,7 @@ class SamplingSettings:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    cache_implementation: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -40,6 +51,10 @@ class SamplingSettings:
             problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cache_implementation not in (None, "dynamic", "static"):
+            problems.append(
+                f"cache_implementation must be null, 'dynamic' or 'static', got {self.cache_implementation!r}"
+            )
         if problems:
             raise ValueError("sampling: " + "; ".join(problems))
 
@@ -61,6 +76,35 @@ class SamplingSettings:
 torch.serialization.add_safe_globals([SamplingSettings])
 
 
+class InverseCDFSampler(LogitsProcessor):
+    """Draws each next token by inverse-CDF sampling and hands ``generate`` logits that put all mass on it, so
+    greedy decoding emits exactly the draw.
+
+    The distribution is ``generate``'s own sampling distribution: its processors (e.g. ``min_new_tokens``) run
+    first, then temperature, top-k and top-p (transformers' warpers, in transformers' order). One uniform number
+    per row replaces ``torch.multinomial``, which draws an exponential variate for every vocabulary entry: on a CPU
+    that was 16 % of a rollout's generation time with the 49k-token vocabulary of SmolLM2 (``benchmarks/README.md``).
+    """
+
+    def __init__(self, sampling: SamplingSettings) -> None:
+        warpers = []
+        if sampling.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k > 0:
+            warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores = self.warpers(input_ids, scores.float())
+        cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
+        # u in (0, total]: the first index whose cumulative mass reaches u has non-zero probability
+        u = (1.0 - torch.rand(scores.shape[0], 1, dtype=cdf.dtype, device=cdf.device)) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u).clamp_max(scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
 @torch.no_grad()
 def sample_responses(
     model: nn.Module,
@@ -70,22 +114,25 @@ def sample_responses(
     sampling: SamplingSettings,
     synced_gpus: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample responses to left-padded prompts; returns (sequences, attention mask, response mask up to and
-    including the first EOS). ``synced_gpus`` keeps FSDP ranks in lockstep until every rank is done."""
+    """Sample responses to left-padded prompts (:class:`InverseCDFSampler`); returns (sequences, attention mask,
+    response mask up to and including the first EOS). ``synced_gpus`` keeps FSDP ranks in lockstep until every rank
+    is done."""
     eos = tokenizer.eos_token_id
     config = GenerationConfig(
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_k=sampling.top_k,
-        top_p=sampling.top_p,
+        do_sample=False,  # the draw is InverseCDFSampler's; greedy decoding takes it
         max_new_tokens=sampling.max_new_tokens,
         min_new_tokens=sampling.min_new_tokens,
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         use_cache=True,
+        cache_implementation=sampling.cache_implementation,
     )
     sequences = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced_gpus
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        generation_config=config,
+        logits_processor=LogitsProcessorList([InverseCDFSampler(sampling)]),
+        synced_gpus=synced_gpus,
     )
     responses = sequences[:, prompt_ids.shape[1] :]
     response_mask = responses_until_eos(responses, eos)

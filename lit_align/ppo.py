@@ -122,6 +122,8 @@ class Rollout(NamedTuple):
     values: Tensor | None  # [B, R] V(s_t) before each response token, or None without a critic
     advantages: Tensor  # [B, R]
     returns: Tensor | None  # [B, R]
+    # (log-probs, values) of the forward that gave ``logprobs``, with its graph, for the first update to reuse
+    training_forward: tuple[Tensor, Tensor | None] | None = None
 
 
 class PPOModule(RolloutMechanics, AlignmentModule):
@@ -355,11 +357,14 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         scores = sample.penalise_missing_eos(scores, self.hparams.missing_eos_penalty)
         scored = time.perf_counter()
 
-        # 3. old log-probs, reference log-probs and values, without gradient
-        with torch.no_grad():
-            logprobs, values = self.response_logprobs_and_values(
+        # 3. old log-probs and values (with gradient when the first update reuses this forward), reference log-probs
+        reused = self.update_reuses_rollout_forward
+        with torch.set_grad_enabled(reused):
+            training_forward = self.response_logprobs_and_values(
                 self.policy, sequences, attention_mask, width, self.uses_critic
             )
+        logprobs, values = (t.detach() if t is not None else None for t in training_forward)
+        with torch.no_grad():
             ref_logprobs = self.reference_response_logprobs(sequences, attention_mask, width)
         referenced = time.perf_counter()
 
@@ -384,7 +389,16 @@ class PPOModule(RolloutMechanics, AlignmentModule):
             advantages = masked_whiten(advantages, mask, sum_across_ranks=self.sum_across_ranks)
 
         rollout = Rollout(
-            sequences, attention_mask, width, response_mask, logprobs, ref_logprobs, values, advantages, returns
+            sequences,
+            attention_mask,
+            width,
+            response_mask,
+            logprobs,
+            ref_logprobs,
+            values,
+            advantages,
+            returns,
+            training_forward if reused else None,
         )
         stats = {
             "objective/scores": scores,
@@ -402,34 +416,53 @@ class PPOModule(RolloutMechanics, AlignmentModule):
 
     # ---- 6. update ---------------------------------------------------------------------------------------------
 
+    @property
+    def update_reuses_rollout_forward(self) -> bool:
+        """Whether the first update's forward can be the rollout's π_old forward: with one minibatch of one
+        micro-batch, the first optimizer step's loss covers every row before the policy changes, so π_old is the
+        current policy and the no-grad forward of step 3 would compute the same log-probs again (TRL's GRPO/RLOO
+        skip it the same way). The forward then keeps its graph from step 3 to the update."""
+        return self.hparams.num_mini_batches == 1 and self.hparams.gradient_accumulation_steps == 1
+
     def ppo_update(self, rollout: Rollout) -> dict[str, Tensor]:
         """``ppo_epochs`` passes of ``num_mini_batches`` optimizer steps (``RolloutMechanics.minibatch_updates``)."""
         tokens = rollout.response_mask.to(rollout.logprobs.dtype)
+        reusable = [rollout.training_forward] if rollout.training_forward is not None else []
 
         def micro_step(minibatch_rows: Tensor, rows: Tensor) -> dict[str, Tensor]:
             # The losses are token means over the minibatch of all ranks: each micro-batch's mean is weighted by its
             # share of those tokens.
             tokens_per_rank = self.per_rank_share(tokens[minibatch_rows].sum()).clamp_min(1 / self.num_ranks)
-            losses = self.ppo_loss(rollout, rows)
+            losses = self.ppo_loss(rollout, rows, reusable.pop() if reusable else None)
             self.manual_backward(losses["loss"] * tokens[rows].sum() / tokens_per_rank)
-            return {key: losses[key].detach() for key in ("pg", "vf", "clip", "vclip", "approxkl", "ratio")}
+            stats = {key: losses[key].detach() for key in ("pg", "vf", "clip", "vclip", "approxkl", "ratio")}
+            return {**stats, "tokens": tokens[rows].sum()}
 
         size = rollout.sequences.shape[0]
         stacked = self.minibatch_updates(size, self.hparams.ppo_epochs, micro_step, self.hparams.max_grad_norm)
-        return {
-            "loss/policy_avg": stacked["pg"],
-            "loss/value_avg": stacked["vf"],
-            "policy/clipfrac_avg": stacked["clip"],
-            "val/clipfrac_avg": stacked["vclip"],
-            "policy/approxkl_avg": stacked["approxkl"],
-            "val/ratio": stacked["ratio"],
-        }
+        # Each micro-batch's token means, weighted by its tokens: the means over every token of the update, whichever
+        # way the rows were cut into micro-batches and ranks (an unweighted mean of micro-batch means is not)
+        tokens = stacked["tokens"]
+        names = {"pg": "loss/policy_avg", "vf": "loss/value_avg", "clip": "policy/clipfrac_avg"}
+        names.update({"vclip": "val/clipfrac_avg", "approxkl": "policy/approxkl_avg", "ratio": "val/ratio"})
+        return {name: (stacked[key], tokens) for key, name in names.items()}
 
-    def ppo_loss(self, rollout: Rollout, rows: Tensor) -> dict[str, Tensor]:
+    def ppo_loss(
+        self, rollout: Rollout, rows: Tensor, forward: tuple[Tensor, Tensor | None] | None = None
+    ) -> dict[str, Tensor]:
+        """The clipped losses of the micro-batch ``rows``; ``forward`` is the rollout's (log-probs, values) over all
+        rows with their graph, when this is the first update and it can be reused."""
         mask = rollout.response_mask[rows]
-        logprobs, values = self.response_logprobs_and_values(
-            self.policy, rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_width, self.uses_critic
-        )
+        if forward is not None:
+            logprobs, values = (t[rows] if t is not None else None for t in forward)
+        else:
+            logprobs, values = self.response_logprobs_and_values(
+                self.policy,
+                rollout.sequences[rows],
+                rollout.attention_mask[rows],
+                rollout.prompt_width,
+                self.uses_critic,
+            )
         old = rollout.logprobs[rows]
         policy = clipped_policy_loss(logprobs, old, rollout.advantages[rows], mask, self.hparams.cliprange)
         loss, value_loss, value_clipfrac = policy.loss, torch.zeros(()), torch.zeros(())
@@ -459,7 +492,7 @@ class PPOModule(RolloutMechanics, AlignmentModule):
             total, count = self.sum_and_count_across_ranks(stats["objective/kl"])
             self.kl_controller.update(float(total / count), int(count))
         stats["objective/kl_coef"] = torch.tensor([self.kl_coef])
-        if not torch.isfinite(stats["loss/policy_avg"]).all():
+        if not torch.isfinite(stats["loss/policy_avg"][0]).all():
             raise FloatingPointError(
                 f"PPOModule: non-finite policy loss at global step {self.global_step}; stopping. "
                 "Lower the learning rate or check the reward."

@@ -19,7 +19,9 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(c for c in (REPO / "configs").glob("*/*.yaml") if c.parent.name not in ("strategies", "trainer"))
+CONFIGS = sorted(
+    c for c in (REPO / "configs").glob("*/*.yaml") if c.parent.name not in ("strategies", "trainer", "experiments")
+)  # experiments/ holds sweep and evaluate files: tests/test_sweep.py
 STRATEGIES = sorted((REPO / "configs" / "strategies").glob("*.yaml"))
 CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 
@@ -54,7 +56,7 @@ EXPECTED_TRAINER = {
     "hh/kto.yaml": (OFFLINE, "hh_kto", []),
     "hh/reward_model.yaml": (OFFLINE, "hh_reward_model", []),
     "hh/sft.yaml": (OFFLINE, "hh_sft", []),
-    "imdb/grpo.yaml": (IMDB, "imdb_grpo", []),
+    "imdb/grpo.yaml": ({**IMDB, "precision": "auto"}, "imdb_grpo", []),
     "imdb/ppo.yaml": ({**IMDB, "precision": "auto"}, "imdb_ppo", ["callbacks.RewardDriftPlot"]),
     "imdb/ppo_elastic_reset.yaml": (IMDB, "imdb_ppo_elastic_reset", ["callbacks.ElasticReset"]),
     "imdb/ppo_interpolation_sweep.yaml": (IMDB, "imdb_ppo_interpolation", ["callbacks.WeightInterpolation"]),

@@ -17,6 +17,7 @@ from lit_align.losses import (
     KTOOutput,
     LossOutput,
     bradley_terry_loss,
+    clipped_value_loss,
     dpo_sigmoid_loss,
     hinge_loss,
     ipo_loss,
@@ -551,3 +552,17 @@ def test_kto_last_reference_point_is_the_clamped_mean_of_the_step(hh_dir):
             assert seen == pytest.approx(mean, abs=1e-5)  # the step's z_ref: the unclamped mean
         else:
             assert seen == 0.0  # clamped
+
+
+def test_value_clip_fraction_counts_only_values_the_clamp_moved():
+    # |V − V_old| = 0.1475 < 0.2: not clipped; but in float32 V_old + (V − V_old) rounds above V, and the clipped error
+    # came out one ulp larger than the unclipped one, which counted the token as clipped
+    values, old = torch.tensor([0.04245376959443092]), torch.tensor([-0.10505765676498413])
+    returns = torch.tensor([0.06752925366163254])
+    assert ((old + (values - old)) - returns) ** 2 > (values - returns) ** 2  # the rounding this guards against
+    assert clipped_value_loss(values, old, returns, torch.ones(1)).clipfrac == 0.0
+    # V = 0.5 from V_old = 0 is clamped to 0.2; toward R = 2 that is worse, (0.2 − 2)² > (0.5 − 2)²: the max takes it
+    clipped = clipped_value_loss(torch.tensor([0.5, 0.0]), torch.zeros(2), torch.tensor([2.0, 0.0]), torch.ones(2))
+    assert clipped.clipfrac == 0.5
+    # toward R = −1 the clamp helps, (0.2 + 1)² < (0.5 + 1)²: the unclipped error is the max, nothing counted
+    assert clipped_value_loss(torch.tensor([0.5]), torch.zeros(1), torch.tensor([-1.0]), torch.ones(1)).clipfrac == 0

@@ -106,3 +106,31 @@ def test_the_chunked_head_under_autocast_matches_the_plain_head_under_autocast()
     for name, grad in plain_grads.items():
         scale = grad.abs().max().clamp_min(1e-6)
         assert float((chunked_grads[name] - grad).abs().max() / scale) < 0.05, name
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_adamw_is_fused_on_cpu_and_gradients_are_still_clipped(hh_dir, precision):
+    """configure_optimizers asks torch for its fused AdamW on CPU/CUDA; Lightning's mixed-precision plugin refuses to
+    clip a fused optimizer's gradients unless told no GradScaler unscales them, so clipping is checked at every step:
+    the gradients AdamW stepped with have a norm of at most ``gradient_clip_val``."""
+    torch.manual_seed(0)
+    module = DPOModule(model="tiny-llama", learning_rate=1e-3)
+    data = hh_pairs(hh_dir, holdout=0, limit_train=16, batch_size=8, max_length=48, max_prompt_length=32)
+    norms: list[float] = []
+
+    class RecordNormsInsideTheStep(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            assert optimizer.defaults["fused"] is True
+            optimizer.register_step_post_hook(  # Lightning's closure (backward, clipping) runs in step
+                lambda opt, args, kwargs: norms.append(
+                    float(
+                        torch.stack(
+                            [p.grad.norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                        ).norm()
+                    )
+                )
+            )
+
+    fit(module, data, [RecordNormsInsideTheStep()], max_steps=2, precision=precision, gradient_clip_val=1e-3)
+    assert len(norms) == 2 and max(norms) <= 1e-3 * (1 + 1e-4), norms

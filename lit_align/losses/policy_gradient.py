@@ -61,7 +61,10 @@ def clipped_value_loss(
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
-    return ClippedLossOutput(loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach())
+    # clipped: the clamp engaged and the max took its error. Without the first test, V_old + (V − V_old) differing
+    # from V by one rounding counted unclipped tokens (0 vs 1/48 between one process and two ranks)
+    clipped = ((values - old_values).abs() > clip_range) & (clipped_error > unclipped_error)
+    return ClippedLossOutput(loss, masked_mean(clipped.float(), mask).detach())
 
 
 def dpg_loss(
