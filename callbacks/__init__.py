@@ -6,6 +6,7 @@ from callbacks.online_merging import OnlineMerging
 from callbacks.reference_soup import ReferenceSoup
 from callbacks.reference_sync import ReferenceSync
 from callbacks.reward_drift_plot import RewardDriftPlot
+from callbacks.task_score import TaskScore
 from callbacks.weight_interpolation import WeightInterpolation
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "ReferenceSoup",
     "ReferenceSync",
     "RewardDriftPlot",
+    "TaskScore",
     "WeightInterpolation",
 ]

@@ -8,45 +8,13 @@ and a column that was never logged gets a warning naming it and an empty panel. 
 
 from __future__ import annotations
 
-import csv
-import math
-import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-
-def _number(text: str | None) -> float | None:
-    """A finite float from a CSV cell, or ``None`` for an empty or non-numeric one."""
-    if text is None or text == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def read_metric_columns(path: str | os.PathLike[str], columns: Iterable[str]) -> dict[str, dict[int, float]]:
-    """``{column: {step: value}}`` from a ``metrics.csv`` for the columns it has (the last value logged at a step
-    wins); columns absent from the header are left out."""
-    with open(path, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        header = set(reader.fieldnames or ())
-        wanted = [name for name in columns if name in header]
-        series: dict[str, dict[int, float]] = {name: {} for name in wanted}
-        for row in reader:
-            step = _number(row.get("step"))
-            if step is None:
-                continue
-            for name in wanted:
-                value = _number(row.get(name))
-                if value is not None:
-                    series[name][int(step)] = value
-    return series
+from lit_align.frontier import read_metric_columns
 
 
 class RewardDriftPlot(L.Callback):

@@ -3,6 +3,8 @@
 lit-align fit --config configs/hh/dpo.yaml [--data.data_path ...] [--trainer.max_steps ...]
 lit-align fit --model lit_align.DPOModule --print_config
 lit-align export --ckpt_path outputs/hh_dpo/version_0/checkpoints/last.ckpt --export_dir outputs/dpo-policy
+lit-align sweep configs/experiments/<sweep>.yaml --out outputs/<sweep> [--parallel N] (lit_align/sweep.py)
+lit-align evaluate --policies outputs/a/policy outputs/b/policy --reference smollm2-135m-instruct ... (evaluate.py)
 
 Every subcommand starts from the trainer defaults in configs/trainer/default.yaml (LightningCLI
 ``default_config_files``); --config files and --trainer.* flags given on the command line override them key by key.
@@ -245,6 +247,14 @@ def main(args: list[str] | None = None) -> None:
     try:
         if words[:1] == ["export"]:
             export_command(words[1:])
+        elif words[:1] == ["sweep"]:
+            from lit_align.sweep import main as sweep_main
+
+            sweep_main(words[1:])
+        elif words[:1] == ["evaluate"]:
+            from lit_align.evaluate import main as evaluate_main
+
+            evaluate_main(words[1:])
         else:
             run_cli(defaults, args)
     except CLIError as err:

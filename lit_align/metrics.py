@@ -109,16 +109,21 @@ def distinct_n(text: str, n: int) -> float:
     return len(grams) / len(tokens)
 
 
-def self_bleu(texts: list[str], max_order: int) -> float:
-    """Self-BLEU-n (Zhu et al. 2018, Texygen): mean sentence BLEU (sacrebleu, up to ``max_order``-grams, 'exp'
-    smoothing) of each text against all the others; 0 with fewer than two texts."""
+def self_bleu_scores(texts: list[str], max_order: int) -> list[float]:
+    """Each text's sentence BLEU (sacrebleu, up to ``max_order``-grams, 'exp' smoothing, in [0, 1]) against all the
+    other texts; empty with fewer than two texts."""
     from sacrebleu.metrics import BLEU
 
     if len(texts) < 2:
-        return 0.0
+        return []
     bleu = BLEU(max_ngram_order=max_order, effective_order=True)
-    scores = [bleu.sentence_score(text, texts[:i] + texts[i + 1 :]).score / 100 for i, text in enumerate(texts)]
-    return sum(scores) / len(scores)
+    return [bleu.sentence_score(text, texts[:i] + texts[i + 1 :]).score / 100 for i, text in enumerate(texts)]
+
+
+def self_bleu(texts: list[str], max_order: int) -> float:
+    """Self-BLEU-n (Zhu et al. 2018, Texygen): the mean of :func:`self_bleu_scores`; 0 with fewer than two texts."""
+    scores = self_bleu_scores(texts, max_order)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 DIVERSITY_NAMES = ("distinct_1", "distinct_2", "distinct_3", "self_bleu_3", "self_bleu_4", "self_bleu_5")

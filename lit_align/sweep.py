@@ -1,0 +1,384 @@
+"""``lit-align sweep``: every combination of a grid of config overrides, each run an ordinary ``lit-align fit``.
+
+Methods are compared by the trade-off between reward and drift, not by one final reward (Noukhovitch et al. 2023,
+*Language Model Alignment with Elastic Reset*, §4), so a comparison is a sweep: a method's knob (the KL coefficient,
+an interpolation weight, a reset interval) over several values and seeds, and a frontier drawn from all the runs
+(:mod:`lit_align.frontier`). A sweep file::
+
+    name: imdb_kl_sweep
+    config: [configs/imdb/ppo.yaml]          # the base config(s), stacked like --config ... --config ...
+    set: {trainer.max_steps: 24}             # overrides for every run (dotted keys, as on the command line)
+    seeds: [0, 1, 2]
+    methods:                                  # one block per method; a method's runs = the product of its grid
+      kl_penalty:
+        grid: {model.init_args.kl_coef: [0.0, 0.01, 0.05, 0.1, 0.3]}
+      elastic_reset:
+        set: {model.init_args.kl_coef: 0.05}
+        grid:
+          trainer.callbacks:                  # an axis whose values are lists of callback blocks
+            - [{class_path: callbacks.ElasticReset, init_args: {reset_every: 8}}]
+            - [{class_path: callbacks.ElasticReset, init_args: {reset_every: 16}}]
+
+Without ``methods`` the top-level ``grid`` is one method named after the sweep. ``evaluate: <config>`` scores each
+finished run's exported policy with ``lit-align evaluate`` (:mod:`lit_align.evaluate`: held-out prompts, reward, KL
+to the reference, perplexity, with intervals) into the run's ``evaluation.json``; ``report:`` names the columns the
+frontier report draws (``reward``, ``drift``, ``perplexity``, ``trajectory_reward``, ``trajectory_drift``).
+
+Every run gets its own directory ``<out>/runs/<run name>/`` holding ``overrides.yaml`` (the run's settings as a
+config file), ``run.json`` (method, knobs, seed, status, wall time), the fit's own ``config.yaml``,
+``logs/version_*/metrics.csv``, ``checkpoints/`` and the exported ``policy/``. A run whose ``run.json`` says ``done``
+is skipped, so a sweep killed halfway resumes where it stopped; a run that was interrupted resumes from its
+``last.ckpt`` (``--ckpt_path``). Runs go one at a time or ``parallel`` at a time as local processes, or to SLURM as a
+job array through submitit (the optional extra ``lit-align[slurm]``): a cluster engine, not a home-made scheduler.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "methods", "evaluate", "report"}
+METHOD_KEYS = {"set", "grid"}
+DONE, RUNNING, FAILED = "done", "running", "failed"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: its method, its knobs (the grid values it takes, by dotted key) and its seed."""
+
+    method: str
+    knobs: dict[str, Any]
+    seed: int
+    fixed: dict[str, Any] = field(default_factory=dict)  # the sweep's and the method's ``set``
+
+    @property
+    def name(self) -> str:
+        """A readable, unique, filesystem-safe directory name: method, each knob's last key part and value, seed."""
+        parts = [self.method]
+        for key, value in self.knobs.items():
+            parts.append(f"{key.split('.')[-1]}={short_value(value)}")
+        parts.append(f"seed={self.seed}")
+        return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", "_".join(parts))
+
+    def overrides(self) -> dict[str, Any]:
+        """The run's dotted-key settings: the fixed ones, then the knobs (knobs win)."""
+        return {**self.fixed, **self.knobs}
+
+
+def short_value(value: Any) -> str:
+    """A knob value for a directory name: numbers and strings as written; callback blocks by their class names."""
+    if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+        names = [str(item.get("class_path", "?")).rsplit(".", 1)[-1] for item in value]
+        arguments = [",".join(f"{k}={v}" for k, v in (item.get("init_args") or {}).items()) for item in value]
+        return "+".join(f"{n}({a})" if a else n for n, a in zip(names, arguments, strict=True)) or "none"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file (see the module docstring): base configs, methods and seeds."""
+
+    name: str
+    configs: list[Path]
+    runs: list[RunSpec]
+    source: Path | None = None
+    evaluate: Path | None = None  # a ``lit-align evaluate`` config applied to each finished run's policy
+    report: dict[str, str] = field(default_factory=dict)  # frontier_report's column names (reward, drift, ...)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> Sweep:
+        """Read and check a sweep file; config paths are relative to the current directory, as on the command line."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep file {path} does not exist")
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return cls.from_dict(spec, source=path)
+
+    @classmethod
+    def from_dict(cls, spec: Any, source: Path | None = None) -> Sweep:
+        where = f"sweep file {source}" if source is not None else "sweep"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: expected a mapping with keys {sorted(SWEEP_KEYS)}, got {type(spec).__name__}")
+        if unknown := sorted(set(spec) - SWEEP_KEYS):
+            raise ValueError(f"{where}: unknown keys {unknown}; valid: {sorted(SWEEP_KEYS)}")
+        name = str(spec.get("name") or (source.stem if source is not None else "sweep"))
+        configs = spec.get("config") or []
+        configs = [configs] if isinstance(configs, str) else configs
+        if not isinstance(configs, list) or not configs:
+            raise ValueError(f"{where}: 'config' must name one or more base config files")
+        missing = [c for c in configs if not Path(c).is_file()]
+        if missing:
+            raise ValueError(f"{where}: config file(s) {missing} do not exist (paths are relative to {Path.cwd()})")
+        seeds = spec.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise ValueError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+        shared = mapping(spec.get("set"), f"{where}: 'set'")
+        methods = spec.get("methods")
+        if methods is None:
+            methods = {name: {"grid": spec.get("grid") or {}}}
+        elif "grid" in spec:
+            raise ValueError(f"{where}: give either a top-level 'grid' or 'methods' (each with its own grid)")
+        if not isinstance(methods, dict) or not methods:
+            raise ValueError(f"{where}: 'methods' must map method names to {{set, grid}} blocks")
+        runs = []
+        for method, block in methods.items():
+            block = block or {}
+            if not isinstance(block, dict) or (unknown := sorted(set(block) - METHOD_KEYS)):
+                raise ValueError(f"{where}: method {method!r} may only have keys {sorted(METHOD_KEYS)}")
+            fixed = {**shared, **mapping(block.get("set"), f"{where}: method {method!r} 'set'")}
+            grid = mapping(block.get("grid"), f"{where}: method {method!r} 'grid'")
+            for key, values in grid.items():
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"{where}: method {method!r} grid axis {key!r} must be a non-empty list")
+            keys = list(grid)
+            for combination in itertools.product(*(grid[k] for k in keys)):
+                for seed in seeds:
+                    runs.append(RunSpec(str(method), dict(zip(keys, combination, strict=True)), seed, fixed))
+        names = [run.name for run in runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: two runs would share a directory name; make the grid values distinct")
+        evaluate = spec.get("evaluate")
+        if evaluate is not None and not Path(evaluate).is_file():
+            raise ValueError(
+                f"{where}: 'evaluate' must name a lit-align evaluate config file; {evaluate} does not exist"
+            )
+        report = mapping(spec.get("report"), f"{where}: 'report'")
+        allowed = {"reward", "drift", "perplexity", "trajectory_reward", "trajectory_drift"}
+        if unknown := sorted(set(report) - allowed):
+            raise ValueError(f"{where}: 'report' has unknown keys {unknown}; valid: {sorted(allowed)}")
+        evaluate_path = Path(evaluate) if evaluate else None
+        return cls(
+            name, [Path(c) for c in configs], runs, source, evaluate_path, {k: str(v) for k, v in report.items()}
+        )
+
+
+def mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping of dotted keys to values, got {type(value).__name__}")
+    return dict(value)
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"model.init_args.kl_coef": 0.1}`` → ``{"model": {"init_args": {"kl_coef": 0.1}}}`` (a config file's form,
+    which jsonargparse merges onto the base configs key by key)."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key!r} conflicts with another override of {part!r}")
+        node[leaf] = value
+    return tree
+
+
+# ---- one run ----------------------------------------------------------------------------------------------------
+
+
+def run_directory(out: Path, run: RunSpec) -> Path:
+    return out / "runs" / run.name
+
+
+def read_status(directory: Path) -> str | None:
+    path = directory / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("status")
+    except json.JSONDecodeError:
+        return None
+
+
+def write_run_json(directory: Path, run: RunSpec, status: str, **extra: Any) -> None:
+    record = {"name": run.name, "method": run.method, "knobs": run.knobs, "seed": run.seed, "status": status, **extra}
+    temporary = directory / "run.json.tmp"
+    temporary.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    temporary.replace(directory / "run.json")  # atomic: a killed sweep never leaves half a file
+
+
+def fit_command(configs: Sequence[Path], directory: Path) -> list[str]:
+    """The ``lit-align fit`` command line of a run whose settings are in ``directory/overrides.yaml``; an interrupted
+    run resumes from its ``last.ckpt``."""
+    command = [sys.executable, "-m", "lit_align.cli", "fit"]
+    for config in configs:
+        command += ["--config", str(Path(config).resolve())]
+    command += ["--config", str(directory / "overrides.yaml")]
+    last = directory / "checkpoints" / "last.ckpt"
+    if last.exists():
+        command += ["--ckpt_path", str(last)]
+    return command
+
+
+def prepare_run(sweep: Sweep, out: Path, run: RunSpec) -> Path:
+    """Create the run's directory and its ``overrides.yaml``: the knobs, the seed, and where logs, checkpoints and
+    the exported policy go (inside the directory)."""
+    directory = run_directory(out, run)
+    directory.mkdir(parents=True, exist_ok=True)
+    placement = {
+        "seed_everything": run.seed,
+        "trainer.default_root_dir": str(directory),
+        "trainer.logger": {
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(directory), "name": "logs"},
+        },
+        "checkpoint.dirpath": str(directory / "checkpoints"),
+        "model.init_args.export_dir": str(directory / "policy"),
+    }
+    overrides = nested({**placement, **run.overrides()})
+    (directory / "overrides.yaml").write_text(yaml.safe_dump(overrides, sort_keys=False), encoding="utf-8")
+    return directory
+
+
+def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Path | None = None) -> int:
+    """Run one fit to completion (stdout and stderr to ``directory/fit.log``), then, with an ``evaluate`` config,
+    ``lit-align evaluate`` of its exported policy into ``directory/evaluation.json``; records the status in
+    run.json (``done`` only when both succeeded)."""
+    started = time.perf_counter()
+    write_run_json(directory, run, RUNNING)
+    with open(directory / "fit.log", "a", encoding="utf-8") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        if code == 0 and evaluate is not None:
+            code = evaluate_run(directory, evaluate, log)
+    status = DONE if code == 0 else FAILED
+    write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)
+    return code
+
+
+def evaluate_run(directory: Path, evaluate: Path, log) -> int:
+    """``lit-align evaluate --config EVALUATE --policies <run>/policy``; the policy's row (its numbers) becomes
+    ``evaluation.json``, which the frontier report reads next to the training metrics."""
+    rows_stem = directory / "evaluation_rows"
+    command = [sys.executable, "-m", "lit_align.cli", "evaluate", "--config", str(evaluate.resolve())]
+    command += ["--policies", str(directory / "policy"), "--out", str(rows_stem)]
+    code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+    if code != 0:
+        return code
+    policy_row = json.loads(rows_stem.with_suffix(".json").read_text(encoding="utf-8"))[-1]
+    numbers = {
+        k: v for k, v in policy_row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seed"
+    }
+    (directory / "evaluation.json").write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+# ---- the sweep ----------------------------------------------------------------------------------------------------
+
+
+def run_sweep(
+    sweep: Sweep | str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    parallel: int = 1,
+    executor: str = "local",
+    slurm: dict[str, Any] | None = None,
+    report: bool = True,
+) -> dict[str, str]:
+    """Run every run of ``sweep`` not yet ``done`` into ``out``; returns ``{run name: status}``. ``parallel`` local
+    processes at a time (``executor="local"``), or one SLURM job array (``executor="slurm"``, ``slurm``: submitit's
+    ``slurm_*`` parameters, e.g. ``{"slurm_partition": "gpu", "timeout_min": 120}``), then the frontier report
+    (:func:`lit_align.frontier.frontier_report`) of everything finished."""
+    sweep = sweep if isinstance(sweep, Sweep) else Sweep.from_yaml(sweep)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if sweep.source is not None:
+        (out / "sweep.yaml").write_text(sweep.source.read_text(encoding="utf-8"), encoding="utf-8")
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    pending = [run for run in sweep.runs if read_status(run_directory(out, run)) != DONE]
+    print(
+        f"lit-align sweep {sweep.name}: {len(sweep.runs)} runs, {len(sweep.runs) - len(pending)} done, "
+        f"{len(pending)} to run",
+        flush=True,
+    )
+    jobs = [
+        (fit_command(sweep.configs, prepare_run(sweep, out, run)), run_directory(out, run), run, sweep.evaluate)
+        for run in pending
+    ]
+    if executor == "local":
+        run_locally(jobs, parallel)
+    elif executor == "slurm":
+        run_on_slurm(jobs, out, slurm or {})
+    else:
+        raise ValueError(f"executor={executor!r}: choose 'local' or 'slurm'")
+    statuses = {run.name: read_status(run_directory(out, run)) or "pending" for run in sweep.runs}
+    if report and any(status == DONE for status in statuses.values()):
+        from lit_align.frontier import frontier_report
+
+        frontier_report(out, **sweep.report)
+    return statuses
+
+
+def run_locally(jobs: list[tuple], parallel: int) -> None:
+    """Up to ``parallel`` fits at a time as child processes; each child's own threads share the machine."""
+    if parallel == 1:
+        for command, directory, run, evaluate in jobs:
+            print(f"  {run.name} …", flush=True)
+            code = execute_run(command, directory, run, evaluate)
+            print(
+                f"  {run.name}: {DONE if code == 0 else f'{FAILED} (exit {code}, see {directory}/fit.log)'}", flush=True
+            )
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        codes = pool.map(lambda job: (job[2].name, execute_run(*job)), jobs)
+        for name, code in codes:
+            print(f"  {name}: {DONE if code == 0 else f'{FAILED} (exit {code})'}", flush=True)
+
+
+def run_on_slurm(jobs: list[tuple], out: Path, parameters: dict[str, Any]) -> None:
+    """One SLURM job array through submitit (``pip install 'lit-align[slurm]'``); waits for every job."""
+    try:
+        import submitit
+    except ImportError as err:
+        raise RuntimeError("executor='slurm' needs submitit: pip install 'lit-align[slurm]'") from err
+    parameters = dict(parameters)
+    cluster = parameters.pop("cluster", None)  # submitit's own: "local" runs the array here (tests)
+    executor = submitit.AutoExecutor(folder=out / "slurm", cluster=cluster)
+    executor.update_parameters(**parameters)
+    submitted = executor.map_array(execute_run, *zip(*jobs, strict=True)) if jobs else []
+    for job in submitted:
+        job.result()
+
+
+def main(args: list[str] | None = None) -> None:
+    """``lit-align sweep SWEEP.yaml --out DIR [--parallel N] [--executor local|slurm] [--slurm KEY=VALUE ...]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lit-align sweep", description=main.__doc__)
+    parser.add_argument("sweep", help="the sweep file (YAML: config, set, grid or methods, seeds)")
+    parser.add_argument("--out", required=True, help="the sweep directory (runs/, report/)")
+    parser.add_argument("--parallel", type=int, default=1, help="local runs at a time (default 1)")
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local")
+    parser.add_argument("--slurm", nargs="*", default=[], help="submitit parameters, e.g. slurm_partition=gpu")
+    parser.add_argument("--dry_run", action="store_true", help="list the runs and their status, run nothing")
+    options = parser.parse_args(args)
+    sweep = Sweep.from_yaml(options.sweep)
+    if options.dry_run:
+        for run in sweep.runs:
+            print(f"{run.name}\t{read_status(run_directory(Path(options.out), run)) or 'pending'}")
+        return
+    slurm = {}
+    for item in options.slurm:
+        key, _, value = item.partition("=")
+        slurm[key] = yaml.safe_load(value)
+    statuses = run_sweep(sweep, options.out, options.parallel, options.executor, slurm)
+    failed = [name for name, status in statuses.items() if status != DONE]
+    if failed:
+        print(f"lit-align sweep: {len(failed)} run(s) not done: {failed}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,188 @@
+"""``lit-align sweep``: grid parsing and its errors, and a real 2×2 sweep of tiny-llama RLOO runs that is killed
+halfway, resumed without re-running what finished, and leaves the frontier report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_cli import print_config
+
+from lit_align.sweep import DONE, Sweep, nested, prepare_run, run_sweep
+
+TINY_RLOO = """
+seed_everything: 0
+trainer:
+  max_steps: 2
+  val_check_interval: 1
+  limit_val_batches: 1
+  num_sanity_val_steps: 1
+  log_every_n_steps: 1
+  enable_progress_bar: false
+checkpoint: {{every_n_train_steps: 1}}
+model:
+  class_path: lit_align.PPOModule
+  init_args:
+    model: tiny-llama
+    reward: {{class_path: lit_align.rewards.LexiconSentimentReward, init_args: {{text: completion}}}}
+    advantage_estimator: rloo
+    samples_per_prompt: 2
+    sampling: {{max_new_tokens: 4}}
+    ppo_epochs: 1
+    drift_texts: 0
+data:
+  class_path: datamodules.HHDataModule
+  init_args: {{data_path: {hh}, train_split: test, val_split: null, holdout: 8, limit_train: 8, max_length: 48,
+    max_prompt_length: 32, batch_size: 2, eval_batch_size: 4}}
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_methods_grids_and_seeds_make_the_product_of_runs(tmp_path):
+    base = write(tmp_path / "base.yaml", "seed_everything: 0\n")
+    sweep = Sweep.from_dict(
+        {
+            "config": str(base),
+            "set": {"trainer.max_steps": 4},
+            "seeds": [0, 1, 2],
+            "methods": {
+                "kl": {"grid": {"model.init_args.kl_coef": [0.0, 0.1], "model.init_args.learning_rate": [1e-5, 3e-5]}},
+                "reset": {
+                    "set": {"model.init_args.kl_coef": 0.05},
+                    "grid": {
+                        "trainer.callbacks": [
+                            [{"class_path": "callbacks.ElasticReset", "init_args": {"reset_every": 8}}]
+                        ]
+                    },
+                },
+            },
+        }
+    )
+    assert len(sweep.runs) == (2 * 2 + 1) * 3
+    names = [run.name for run in sweep.runs]
+    assert len(set(names)) == len(names)
+    assert "kl_kl_coef=0.1_learning_rate=3e-05_seed=2" in names
+    assert "reset_callbacks=ElasticReset-reset_every=8-_seed=0" in names
+    reset = next(run for run in sweep.runs if run.method == "reset")
+    assert reset.overrides() == {
+        "trainer.max_steps": 4,
+        "model.init_args.kl_coef": 0.05,
+        "trainer.callbacks": [{"class_path": "callbacks.ElasticReset", "init_args": {"reset_every": 8}}],
+    }
+    assert nested({"a.b.c": 1, "a.b.d": 2, "e": 3}) == {"a": {"b": {"c": 1, "d": 2}}, "e": 3}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"config": "base.yaml", "grids": {}}, r"unknown keys \['grids'\]"),
+        ({"config": "missing.yaml"}, r"config file\(s\) \['missing.yaml'\] do not exist"),
+        ({"config": "base.yaml", "seeds": [0, "one"]}, "'seeds' must be a non-empty list of integers"),
+        ({"config": "base.yaml", "grid": {"x": 1}}, "grid axis 'x' must be a non-empty list"),
+        ({"config": "base.yaml", "grid": {}, "methods": {"a": {}}}, "either a top-level 'grid' or 'methods'"),
+        ({"config": "base.yaml", "methods": {"a": {"grid": {}, "sett": {}}}}, "method 'a' may only have keys"),
+        ({"config": "base.yaml", "grid": {"x": ["a b", "a-b"]}}, "share a directory name"),
+    ],
+)
+def test_bad_sweep_files_name_the_problem(tmp_path, spec, message):
+    write(tmp_path / "base.yaml", "seed_everything: 0\n")
+    path = write(tmp_path / "sweep.yaml", yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=message):
+        Sweep.from_yaml(path)
+
+
+def statuses(out: Path) -> dict[str, str]:
+    return {p.parent.name: json.loads(p.read_text())["status"] for p in (out / "runs").glob("*/run.json")}
+
+
+def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
+    base = write(tmp_path / "base.yaml", TINY_RLOO.format(hh=hh_dir))
+    sweep_file = write(
+        tmp_path / "sweep.yaml",
+        yaml.safe_dump(
+            {"name": "tiny", "config": str(base), "seeds": [0, 1], "grid": {"model.init_args.kl_coef": [0.0, 0.5]}}
+        ),
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "lit_align.cli", "sweep", str(sweep_file), "--out", str(out)]
+    first = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while DONE not in statuses(out).values() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the sweep and the fit it is running, as a cluster pre-emption would
+    first.wait()
+    killed = statuses(out)
+    finished = [name for name, status in killed.items() if status == DONE]
+    assert len(finished) == 1 and len(list((out / "runs").iterdir())) == 4, killed  # all prepared, one finished
+    finished_log = (out / "runs" / finished[0] / "fit.log").read_text()
+
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "4 runs, 1 done, 3 to run" in result.stdout
+    assert set(statuses(out).values()) == {DONE}
+    assert (out / "runs" / finished[0] / "fit.log").read_text() == finished_log  # not run again
+    for run in (out / "runs").iterdir():
+        assert (run / "policy" / "config.json").is_file() and (run / "overrides.yaml").is_file()
+        record = json.loads((run / "run.json").read_text())
+        assert record["method"] == "tiny" and set(record["knobs"]) == {"model.init_args.kl_coef"}
+        saved = yaml.safe_load(next(run.rglob("config.yaml")).read_text())  # the fit's own config: knobs applied
+        assert saved["model"]["init_args"]["kl_coef"] == record["knobs"]["model.init_args.kl_coef"]
+        assert saved["seed_everything"] == record["seed"]
+    report = out / "report"
+    rows = (report / "frontier.csv").read_text().splitlines()
+    assert len(rows) == 5 and "model.init_args.kl_coef" in rows[0]
+    for name in ("reward_vs_kl", "trajectories"):
+        assert (report / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (report / f"{name}.svg").is_file()
+
+
+def test_the_slurm_path_runs_a_job_array_through_submitit(tmp_path, hh_dir, monkeypatch):
+    """submitit's local cluster runs the same job array SLURM would (``executor="slurm"``)."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = write(tmp_path / "base.yaml", TINY_RLOO.format(hh=hh_dir))
+    spec = {"name": "array", "config": str(base), "seeds": [0], "grid": {"model.init_args.kl_coef": [0.0, 0.5]}}
+    result = run_sweep(
+        Sweep.from_dict(spec), tmp_path / "out", executor="slurm", slurm={"cluster": "local"}, report=False
+    )
+    assert set(result.values()) == {DONE} and len(result) == 2
+    assert list((tmp_path / "out" / "slurm").glob("*_log.out"))  # submitit's own job logs
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.name for p in EXPERIMENTS])
+def test_every_shipped_experiment_file_parses(path, monkeypatch, tmp_path):
+    """Sweep files expand into their runs (paths relative to the repository, where the README runs them) and every
+    run's overrides parse as a fit config; ``*_evaluate.yaml`` files parse as ``lit-align evaluate`` options."""
+    from lit_align.evaluate import evaluate_parser
+
+    monkeypatch.chdir(REPO)
+    if path.stem.endswith("_evaluate"):
+        config = evaluate_parser().parse_args(["--config", str(path), "--policies", "tiny-llama"])
+        assert config.prompts >= 128  # issue 17: at least 128 held-out prompts per point
+        return
+    sweep = Sweep.from_yaml(path)
+    assert len({run.seed for run in sweep.runs}) >= 3 and sweep.evaluate is not None
+    evaluate_parser().parse_args(["--config", str(sweep.evaluate), "--policies", "tiny-llama"])
+    first_of_each_knob = {(run.method, json.dumps(run.knobs, sort_keys=True)): run for run in sweep.runs}
+    for run in first_of_each_knob.values():  # the fit parser must know every override (a typo would fail every run)
+        directory = prepare_run(sweep, tmp_path, run)
+        args = [arg for config in sweep.configs for arg in ("--config", str(config))]
+        parsed = print_config(*args, "--config", str(directory / "overrides.yaml"), cwd=tmp_path)
+        assert parsed["seed_everything"] == run.seed
+        assert parsed["model"]["init_args"]["export_dir"] == str(directory / "policy")
