@@ -212,15 +212,15 @@ def write_run_json(directory: Path, run: RunSpec, status: str, **extra: Any) -> 
     temporary.replace(directory / "run.json")  # atomic: a killed sweep never leaves half a file
 
 
-def fit_command(configs: Sequence[Path], directory: Path) -> list[str]:
+def fit_command(configs: Sequence[Path], directory: Path, resume: bool = True) -> list[str]:
     """The ``lit-align fit`` command line of a run whose settings are in ``directory/overrides.yaml``; an interrupted
-    run resumes from its ``last.ckpt``."""
+    run resumes from its ``last.ckpt`` (unless ``resume`` is False)."""
     command = [sys.executable, "-m", "lit_align.cli", "fit"]
     for config in configs:
         command += ["--config", str(Path(config).resolve())]
     command += ["--config", str(directory / "overrides.yaml")]
     last = directory / "checkpoints" / "last.ckpt"
-    if last.exists():
+    if resume and last.exists():
         command += ["--ckpt_path", str(last)]
     return command
 
@@ -309,6 +309,7 @@ def run_sweep(
         (fit_command(sweep.configs, prepare_run(sweep, out, run)), run_directory(out, run), run, sweep.evaluate)
         for run in pending
     ]
+    check_configs(sweep, jobs)
     if executor == "local":
         run_locally(jobs, parallel)
     elif executor == "slurm":
@@ -321,6 +322,22 @@ def run_sweep(
 
         frontier_report(out, **sweep.report)
     return statuses
+
+
+def check_configs(sweep: Sweep, jobs: list[tuple]) -> None:
+    """Parse one run of every method and knob key set with ``lit-align fit --print_config`` before anything trains:
+    a typo in an override fails here, with the parser's message, instead of in every run."""
+    seen = set()
+    for _, directory, run, _ in jobs:
+        signature = (run.method, tuple(run.knobs))
+        if signature in seen:
+            continue
+        seen.add(signature)
+        command = [*fit_command(sweep.configs, directory, resume=False), "--print_config"]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=Path.cwd())
+        if result.returncode != 0:
+            message = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise ValueError(f"sweep: run {run.name} does not parse ({directory / 'overrides.yaml'}): {message}")
 
 
 def run_locally(jobs: list[tuple], parallel: int) -> None:

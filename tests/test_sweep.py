@@ -186,3 +186,11 @@ def test_every_shipped_experiment_file_parses(path, monkeypatch, tmp_path):
         parsed = print_config(*args, "--config", str(directory / "overrides.yaml"), cwd=tmp_path)
         assert parsed["seed_everything"] == run.seed
         assert parsed["model"]["init_args"]["export_dir"] == str(directory / "policy")
+
+
+def test_a_typo_in_an_override_fails_before_any_run_trains(tmp_path, hh_dir):
+    base = write(tmp_path / "base.yaml", TINY_RLOO.format(hh=hh_dir))
+    spec = {"config": str(base), "seeds": [0, 1], "grid": {"model.init_args.kl_cof": [0.1, 0.2]}}
+    with pytest.raises(ValueError, match=r"does not parse .*kl_cof"):
+        run_sweep(Sweep.from_dict(spec), tmp_path / "out", report=False)
+    assert not list((tmp_path / "out" / "runs").glob("*/run.json"))  # nothing started
