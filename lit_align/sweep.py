@@ -19,7 +19,9 @@ an interpolation weight, a reset interval) over several values and seeds, and a 
             - [{class_path: callbacks.ElasticReset, init_args: {reset_every: 8}}]
             - [{class_path: callbacks.ElasticReset, init_args: {reset_every: 16}}]
 
-Without ``methods`` the top-level ``grid`` is one method named after the sweep. ``evaluate: <config>`` scores each
+Without ``methods`` the top-level ``grid`` is one method named after the sweep. Runs go in seed-major order (every
+method and knob for the first seed, then the next seed), so a sweep stopped early is a complete comparison at fewer
+seeds. ``evaluate: <config>`` scores each
 finished run's exported policy with ``lit-align evaluate`` (:mod:`lit_align.evaluate`: held-out prompts, reward, KL
 to the reference, perplexity, with intervals) into the run's ``evaluation.json``; ``report:`` names the columns the
 frontier report draws (``reward``, ``drift``, ``perplexity``, ``trajectory_reward``, ``trajectory_drift``).
@@ -134,7 +136,7 @@ class Sweep:
         if not isinstance(methods, dict) or not methods:
             raise ValueError(f"{where}: 'methods' must map method names to {{set, grid}} blocks")
         runs = []
-        for method, block in methods.items():
+        for method, block in methods.items():  # runs in seed-major order: each seed's whole comparison, then the next
             block = block or {}
             if not isinstance(block, dict) or (unknown := sorted(set(block) - METHOD_KEYS)):
                 raise ValueError(f"{where}: method {method!r} may only have keys {sorted(METHOD_KEYS)}")
@@ -147,6 +149,7 @@ class Sweep:
             for combination in itertools.product(*(grid[k] for k in keys)):
                 for seed in seeds:
                     runs.append(RunSpec(str(method), dict(zip(keys, combination, strict=True)), seed, fixed))
+        runs.sort(key=lambda run: seeds.index(run.seed))  # stable: methods and grids keep their order per seed
         names = [run.name for run in runs]
         if len(set(names)) != len(names):
             raise ValueError(f"{where}: two runs would share a directory name; make the grid values distinct")

@@ -70,6 +70,8 @@ def test_methods_grids_and_seeds_make_the_product_of_runs(tmp_path):
         }
     )
     assert len(sweep.runs) == (2 * 2 + 1) * 3
+    assert [run.seed for run in sweep.runs] == [0] * 5 + [1] * 5 + [2] * 5  # seed-major: each seed's full comparison
+    assert [run.method for run in sweep.runs[:5]] == ["kl"] * 4 + ["reset"]
     names = [run.name for run in sweep.runs]
     assert len(set(names)) == len(names)
     assert "kl_kl_coef=0.1_learning_rate=3e-05_seed=2" in names
