@@ -7,6 +7,7 @@ an interpolation weight, a reset interval) over several values and seeds, and a 
 
     name: imdb_kl_sweep
     config: [configs/imdb/ppo.yaml]          # the base config(s), stacked like --config ... --config ...
+                                              # (a method may name its own: a different module class)
     set: {trainer.max_steps: 24}             # overrides for every run (dotted keys, as on the command line)
     seeds: [0, 1, 2]
     methods:                                  # one block per method; a method's runs = the product of its grid
@@ -51,7 +52,7 @@ from typing import Any
 import yaml
 
 SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "methods", "evaluate", "report"}
-METHOD_KEYS = {"set", "grid"}
+METHOD_KEYS = {"config", "set", "grid"}
 DONE, RUNNING, FAILED = "done", "running", "failed"
 
 
@@ -63,6 +64,7 @@ class RunSpec:
     knobs: dict[str, Any]
     seed: int
     fixed: dict[str, Any] = field(default_factory=dict)  # the sweep's and the method's ``set``
+    configs: tuple[Path, ...] = ()  # the base configs (the method's ``config``, else the sweep's)
 
     @property
     def name(self) -> str:
@@ -117,13 +119,7 @@ class Sweep:
         if unknown := sorted(set(spec) - SWEEP_KEYS):
             raise ValueError(f"{where}: unknown keys {unknown}; valid: {sorted(SWEEP_KEYS)}")
         name = str(spec.get("name") or (source.stem if source is not None else "sweep"))
-        configs = spec.get("config") or []
-        configs = [configs] if isinstance(configs, str) else configs
-        if not isinstance(configs, list) or not configs:
-            raise ValueError(f"{where}: 'config' must name one or more base config files")
-        missing = [c for c in configs if not Path(c).is_file()]
-        if missing:
-            raise ValueError(f"{where}: config file(s) {missing} do not exist (paths are relative to {Path.cwd()})")
+        configs = config_files(spec.get("config"), where)
         seeds = spec.get("seeds", [0])
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise ValueError(f"{where}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
@@ -141,6 +137,9 @@ class Sweep:
             if not isinstance(block, dict) or (unknown := sorted(set(block) - METHOD_KEYS)):
                 raise ValueError(f"{where}: method {method!r} may only have keys {sorted(METHOD_KEYS)}")
             fixed = {**shared, **mapping(block.get("set"), f"{where}: method {method!r} 'set'")}
+            method_configs = (
+                config_files(block["config"], f"{where}: method {method!r}") if "config" in block else configs
+            )
             grid = mapping(block.get("grid"), f"{where}: method {method!r} 'grid'")
             for key, values in grid.items():
                 if not isinstance(values, list) or not values:
@@ -148,7 +147,8 @@ class Sweep:
             keys = list(grid)
             for combination in itertools.product(*(grid[k] for k in keys)):
                 for seed in seeds:
-                    runs.append(RunSpec(str(method), dict(zip(keys, combination, strict=True)), seed, fixed))
+                    knobs = dict(zip(keys, combination, strict=True))
+                    runs.append(RunSpec(str(method), knobs, seed, fixed, tuple(method_configs)))
         runs.sort(key=lambda run: seeds.index(run.seed))  # stable: methods and grids keep their order per seed
         names = [run.name for run in runs]
         if len(set(names)) != len(names):
@@ -163,9 +163,18 @@ class Sweep:
         if unknown := sorted(set(report) - allowed):
             raise ValueError(f"{where}: 'report' has unknown keys {unknown}; valid: {sorted(allowed)}")
         evaluate_path = Path(evaluate) if evaluate else None
-        return cls(
-            name, [Path(c) for c in configs], runs, source, evaluate_path, {k: str(v) for k, v in report.items()}
-        )
+        return cls(name, configs, runs, source, evaluate_path, {k: str(v) for k, v in report.items()})
+
+
+def config_files(value: Any, where: str) -> list[Path]:
+    """One or more existing config files (a string or a list), relative to the current directory."""
+    configs = [value] if isinstance(value, str) else value
+    if not isinstance(configs, list) or not configs:
+        raise ValueError(f"{where}: 'config' must name one or more base config files")
+    missing = [c for c in configs if not Path(c).is_file()]
+    if missing:
+        raise ValueError(f"{where}: config file(s) {missing} do not exist (paths are relative to {Path.cwd()})")
+    return [Path(c) for c in configs]
 
 
 def mapping(value: Any, where: str) -> dict[str, Any]:
@@ -309,10 +318,10 @@ def run_sweep(
         flush=True,
     )
     jobs = [
-        (fit_command(sweep.configs, prepare_run(sweep, out, run)), run_directory(out, run), run, sweep.evaluate)
+        (fit_command(run.configs, prepare_run(sweep, out, run)), run_directory(out, run), run, sweep.evaluate)
         for run in pending
     ]
-    check_configs(sweep, jobs)
+    check_configs(jobs)
     if executor == "local":
         run_locally(jobs, parallel)
     elif executor == "slurm":
@@ -327,7 +336,7 @@ def run_sweep(
     return statuses
 
 
-def check_configs(sweep: Sweep, jobs: list[tuple]) -> None:
+def check_configs(jobs: list[tuple]) -> None:
     """Parse one run of every method and knob key set with ``lit-align fit --print_config`` before anything trains:
     a typo in an override fails here, with the parser's message, instead of in every run."""
     seen = set()
@@ -336,7 +345,7 @@ def check_configs(sweep: Sweep, jobs: list[tuple]) -> None:
         if signature in seen:
             continue
         seen.add(signature)
-        command = [*fit_command(sweep.configs, directory, resume=False), "--print_config"]
+        command = [*fit_command(run.configs, directory, resume=False), "--print_config"]
         result = subprocess.run(command, capture_output=True, text=True, cwd=Path.cwd())
         if result.returncode != 0:
             message = (result.stderr.strip().splitlines() or ["(no message)"])[-1]

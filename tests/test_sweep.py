@@ -184,7 +184,7 @@ def test_every_shipped_experiment_file_parses(path, monkeypatch, tmp_path):
     first_of_each_knob = {(run.method, json.dumps(run.knobs, sort_keys=True)): run for run in sweep.runs}
     for run in first_of_each_knob.values():  # the fit parser must know every override (a typo would fail every run)
         directory = prepare_run(sweep, tmp_path, run)
-        args = [arg for config in sweep.configs for arg in ("--config", str(config))]
+        args = [arg for config in run.configs for arg in ("--config", str(config))]
         parsed = print_config(*args, "--config", str(directory / "overrides.yaml"), cwd=tmp_path)
         assert parsed["seed_everything"] == run.seed
         assert parsed["model"]["init_args"]["export_dir"] == str(directory / "policy")
@@ -196,3 +196,12 @@ def test_a_typo_in_an_override_fails_before_any_run_trains(tmp_path, hh_dir):
     with pytest.raises(ValueError, match=r"does not parse .*kl_cof"):
         run_sweep(Sweep.from_dict(spec), tmp_path / "out", report=False)
     assert not list((tmp_path / "out" / "runs").glob("*/run.json"))  # nothing started
+
+
+def test_a_method_may_bring_its_own_base_config(tmp_path):
+    base, other = write(tmp_path / "base.yaml", "seed_everything: 0\n"), write(tmp_path / "other.yaml", "{}\n")
+    methods = {"dm": {"grid": {"model.init_args.baseline": [True, False]}}, "rl": {"config": [str(other)]}}
+    sweep = Sweep.from_dict({"config": str(base), "methods": methods})
+    assert {run.method: run.configs for run in sweep.runs} == {"dm": (base,), "rl": (other,)}
+    with pytest.raises(ValueError, match=r"method 'rl'.*do not exist"):
+        Sweep.from_dict({"config": str(base), "methods": {"rl": {"config": "missing.yaml"}}})
