@@ -185,7 +185,8 @@ def collect_runs(sweep_dir: str | os.PathLike[str]) -> list[RunRecord]:
     records = []
     for run_dir in sorted(path for path in runs_dir.iterdir() if path.is_dir()):
         if not (run_dir / "run.json").is_file():
-            warnings.warn(f"{run_dir}: no run.json; this directory is not reported", stacklevel=2)
+            if not (run_dir / "overrides.yaml").is_file():  # prepared by lit_align.sweep but not started: pending
+                warnings.warn(f"{run_dir}: no run.json; this directory is not reported", stacklevel=2)
             continue
         info = _read_run_json(run_dir / "run.json")
         trajectory = _read_trajectory(run_dir)

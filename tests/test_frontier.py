@@ -258,6 +258,17 @@ def test_a_directory_without_runs_is_not_a_sweep(tmp_path):
         frontier_report(tmp_path / "nowhere")
 
 
+def test_a_pending_run_is_skipped_quietly_and_a_stray_directory_with_a_warning(tmp_path):
+    (tmp_path / "runs" / "pending").mkdir(parents=True)
+    (tmp_path / "runs" / "pending" / "overrides.yaml").write_text("seed_everything: 0\n")  # prepared, not started
+    (tmp_path / "runs" / "stray").mkdir()
+    with pytest.warns(UserWarning) as caught:
+        assert collect_runs(tmp_path) == []
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'runs' / 'stray'}: no run.json; this directory is not reported"
+    ]
+
+
 # ---- the report ----------------------------------------------------------------------------------------------------
 
 
