@@ -53,7 +53,7 @@ import yaml
 
 SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "methods", "evaluate", "report"}
 METHOD_KEYS = {"config", "set", "grid"}
-DONE, RUNNING, FAILED = "done", "running", "failed"
+DONE, RUNNING, EVALUATING, FAILED = "done", "running", "evaluating", "failed"
 
 
 @dataclass(frozen=True)
@@ -262,10 +262,12 @@ def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Pat
     ``lit-align evaluate`` of its exported policy into ``directory/evaluation.json``; records the status in
     run.json (``done`` only when both succeeded)."""
     started = time.perf_counter()
-    write_run_json(directory, run, RUNNING)
+    trained = read_status(directory) == EVALUATING  # the fit ended before an interruption: only evaluate again
+    write_run_json(directory, run, EVALUATING if trained else RUNNING)
     with open(directory / "fit.log", "a", encoding="utf-8") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        code = 0 if trained else subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
         if code == 0 and evaluate is not None:
+            write_run_json(directory, run, EVALUATING)
             code = evaluate_run(directory, evaluate, log)
     status = DONE if code == 0 else FAILED
     write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)

@@ -205,3 +205,17 @@ def test_a_method_may_bring_its_own_base_config(tmp_path):
     assert {run.method: run.configs for run in sweep.runs} == {"dm": (base,), "rl": (other,)}
     with pytest.raises(ValueError, match=r"method 'rl'.*do not exist"):
         Sweep.from_dict({"config": str(base), "methods": {"rl": {"config": "missing.yaml"}}})
+
+
+def test_a_run_interrupted_while_evaluating_is_not_trained_again(tmp_path):
+    """The fit ended (its policy exported) and the sweep stopped during ``lit-align evaluate``: a rerun must not start
+    the fit again (resumed at max_steps it would make no step and fail) but only evaluate."""
+    from lit_align.sweep import EVALUATING, RunSpec, execute_run, read_status, write_run_json
+
+    run, directory = RunSpec("m", {"x": 1}, 0), tmp_path / "run"
+    directory.mkdir()
+    write_run_json(directory, run, EVALUATING)
+    failing_fit = [sys.executable, "-c", "raise SystemExit(1)"]
+    assert execute_run(failing_fit, directory, run) == 0 and read_status(directory) == DONE
+    write_run_json(directory, run, "running")  # interrupted during the fit: the fit runs again
+    assert execute_run(failing_fit, directory, run) == 1 and read_status(directory) == "failed"
