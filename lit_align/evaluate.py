@@ -39,10 +39,11 @@ from torch import Tensor
 from datamodules.keys import PROMPT_ATTENTION_MASK, PROMPT_INPUT_IDS, REFERENCE
 from lit_align.generation import SamplingSettings, decode_responses, sample_responses
 from lit_align.intervals import Estimate, bootstrap_interval, mean_interval, wilson_interval
-from lit_align.logprobs import response_logprobs, token_logprobs
+from lit_align.logprobs import response_logprobs
 from lit_align.metrics import distinct_n, self_bleu_scores
 from lit_align.models import load_causal_lm, load_tokenizer
 from lit_align.precision import AUTO, fastest_precision
+from lit_align.rollout import text_token_logprobs
 
 # ---- sampling and scoring ---------------------------------------------------------------------------------------
 
@@ -106,19 +107,15 @@ def rewards_of(reward, samples: Samples) -> list[float]:
     return scores
 
 
-@torch.no_grad()
 def text_nll(model, tokenizer, texts: Sequence[str], max_length: int = 256) -> tuple[list[float], list[int]]:
-    """Per text: the summed negative log-likelihood of its tokens after the first, and their count."""
-    device = next(model.parameters()).device
+    """Per text with at least two tokens: the summed negative log-likelihood of its tokens after the first, and
+    their count (:func:`lit_align.rollout.text_token_logprobs`)."""
     sums, counts = [], []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
-        if len(ids) < 2:
-            continue
-        ids = torch.tensor([ids], device=device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        sums.append(float(-token_logprobs(logits[:, :-1], ids[:, 1:]).sum()))
-        counts.append(ids.shape[1] - 1)
+    for logps, mask in text_token_logprobs(model, tokenizer, texts, max_length):
+        for nll, count in zip((-(logps * mask)).sum(-1).tolist(), mask.sum(-1).tolist(), strict=True):
+            if count > 0:
+                sums.append(nll)
+                counts.append(int(count))
     return sums, counts
 
 

@@ -10,7 +10,7 @@ every algorithm shares. A module using it defines ``rollout_split``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -20,6 +20,22 @@ from datamodules.collation import pad_rows
 from lit_align.generation import Completions
 from lit_align.logprobs import token_logprobs
 from lit_align.metrics import diversity_scores
+
+
+@torch.no_grad()
+def text_token_logprobs(
+    model: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 8
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Token log-probs of (held-out, human) texts under ``model``, ``batch_size`` texts at a time (tokenized without
+    special tokens, truncated to ``max_length``, right-padded): ``(log p(t_i | t_<i) [B, T−1], mask [B, T−1])`` per
+    batch. Held-out perplexity during validation and in ``lit-align evaluate``."""
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start : start + batch_size]
+        ids, attention = (t.to(device) for t in pad_rows(rows, tokenizer.eos_token_id))
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        yield token_logprobs(logits[:, :-1], ids[:, 1:]), attention[:, 1:]
 
 
 class RolloutMechanics:
@@ -69,12 +85,8 @@ class RolloutMechanics:
             rank_zero_warn("drift/perplexity: no held-out texts on this rank")
             return
         metric = self.metrics.get(stage, "drift/perplexity")
-        encoded = self.tokenizer(chosen, add_special_tokens=False, truncation=True, max_length=128)["input_ids"]
-        for start in range(0, len(encoded), 8):
-            rows = encoded[start : start + 8]
-            ids, attention = (t.to(self.device) for t in pad_rows(rows, self.tokenizer.eos_token_id))
-            logits = self.policy(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            metric.update(token_logprobs(logits[:, :-1], ids[:, 1:]), attention[:, 1:])
+        for logps, mask in text_token_logprobs(self.policy, self.tokenizer, chosen, max_length=128):
+            metric.update(logps, mask)
         self.log(self.metrics.log_name(stage, "drift/perplexity"), metric, on_step=False, on_epoch=True)
 
     # ---- minibatch steps under manual optimization ------------------------------------------------------------

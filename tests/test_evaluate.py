@@ -104,3 +104,30 @@ def test_evaluate_policies_on_the_same_prompts_with_intervals(hh_dir, tmp_path, 
     assert len(csv_path.read_text().splitlines()) == 3
     with pytest.raises(ValueError, match="gave no prompts"):
         evaluate_policies([other], reference, LexiconSentimentReward(), data, prompts=0)
+
+
+def test_held_out_nll_of_padded_batches_equals_each_text_alone():
+    """text_nll runs texts in right-padded batches (lit_align.rollout.text_token_logprobs, shared with validation's
+    drift/perplexity); each text's summed NLL must equal a forward of that text alone. A one-token text is left out."""
+    import torch
+
+    from lit_align.evaluate import text_nll
+    from lit_align.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("tiny-llama").eval(), load_tokenizer("tiny-llama")
+    texts = [
+        "I liked the film a lot, more than I expected.",
+        "Cold.",
+        "a",
+        "The weather was cold and the streets empty.",
+    ]
+    sums, counts = text_nll(model, tokenizer, texts)
+    alone = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        if ids.shape[1] < 2:
+            continue
+        logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])
+        alone.append((float(-logps.sum()), ids.shape[1] - 1))
+    assert counts == [count for _, count in alone] and len(counts) == 3
+    assert sums == pytest.approx([nll for nll, _ in alone], rel=1e-4)
