@@ -193,65 +193,50 @@ def evaluate_policies(
     if precision not in ("32-true", "bf16-mixed"):
         raise ValueError(f"evaluate: precision must be 32-true, bf16-mixed or auto, got {precision!r}")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        return evaluate_all(
-            policies,
-            reference,
-            reward,
-            datamodule,
-            prompts,
-            heldout_texts,
-            sampling,
-            seed,
-            dtype,
-            device,
-            tasks,
-            reference_row,
-        )
-
-
-def evaluate_all(
-    policies, reference, reward, datamodule, prompts, heldout_texts, sampling, seed, dtype, device, tasks, reference_row
-) -> list[dict[str, Any]]:
-    """:func:`evaluate_policies` under its precision context."""
-    tokenizer = load_tokenizer(reference)
-    batches = evaluation_batches(datamodule, tokenizer, prompts)
-    if heldout_texts is None and hasattr(datamodule, "heldout_texts"):
-        heldout_texts = datamodule.heldout_texts(prompts)
-    reference_model = load_causal_lm(reference, dtype).to(device).eval()
-    reward = reward.to(device) if hasattr(reward, "to") else reward
-    reference_samples = sample(reference_model, tokenizer, batches, sampling, seed)
-    reference_scores = rewards_of(reward, reference_samples)
-    rows = []
-    for name in [reference, *policies] if reference_row else policies:
-        is_reference = name == reference
-        model = reference_model if is_reference else load_causal_lm(name, dtype).to(device).eval()
-        if not is_reference and len(load_tokenizer(name)) != len(tokenizer):
-            raise ValueError(f"evaluate: {name}'s tokenizer differs from the reference {reference}'s")
-        samples = reference_samples if is_reference else sample(model, tokenizer, batches, sampling, seed)
-        scores = reference_scores if is_reference else rewards_of(reward, samples)
-        row: dict[str, Any] = {"policy": str(name), "reference": str(reference), "seed": seed, "prompts": len(scores)}
-        row.update(mean_interval(scores).columns("reward"))
-        row.update(mean_interval(sequence_kl(model, reference_model, samples, sampling.temperature)).columns("kl"))
-        row.update(win_rate(scores, reference_scores).columns("win_rate"))
-        if heldout_texts:
-            row.update(perplexity_estimate(*text_nll(model, tokenizer, heldout_texts)).columns("perplexity"))
+        tokenizer = load_tokenizer(reference)
+        batches = evaluation_batches(datamodule, tokenizer, prompts)
+        if heldout_texts is None and hasattr(datamodule, "heldout_texts"):
+            heldout_texts = datamodule.heldout_texts(prompts)
+        reference_model = load_causal_lm(reference, dtype).to(device).eval()
+        reward = reward.to(device) if hasattr(reward, "to") else reward
+        reference_samples = sample(reference_model, tokenizer, batches, sampling, seed)
+        reference_scores = rewards_of(reward, reference_samples)
         references = [r for batch in batches for r in batch.get(REFERENCE, [])]
-        if references and len(references) == len(samples.completions) and all(references):
-            row.update(bleu_estimate(samples.completions, references).columns("bleu"))
-        for n in (1, 2, 3):
-            row.update(mean_interval([distinct_n(c, n) for c in samples.completions]).columns(f"distinct_{n}"))
-        for n in (3, 4, 5):
-            row.update(mean_interval(self_bleu_scores(samples.completions, n)).columns(f"self_bleu_{n}"))
-        for task in tasks:
-            row.update(wilson_interval(*task.score(model, tokenizer)).columns(task.name))
-        rows.append(row)
-        print(
-            f"  {name}: reward {row['reward']:.3f} [{row['reward_low']:.3f}, {row['reward_high']:.3f}], "
-            f"KL {row['kl']:.2f} ± {row.get('kl_se', math.nan):.2f}, win rate {row['win_rate']:.2f}",
-            flush=True,
-        )
-        if not is_reference:
-            del model
+        rows = []
+        for name in [reference, *policies] if reference_row else policies:
+            is_reference = name == reference
+            model = reference_model if is_reference else load_causal_lm(name, dtype).to(device).eval()
+            if not is_reference and len(load_tokenizer(name)) != len(tokenizer):
+                raise ValueError(f"evaluate: {name}'s tokenizer differs from the reference {reference}'s")
+            samples = reference_samples if is_reference else sample(model, tokenizer, batches, sampling, seed)
+            scores = reference_scores if is_reference else rewards_of(reward, samples)
+            row: dict[str, Any] = {
+                "policy": str(name),
+                "reference": str(reference),
+                "seed": seed,
+                "prompts": len(scores),
+            }
+            row.update(mean_interval(scores).columns("reward"))
+            row.update(mean_interval(sequence_kl(model, reference_model, samples, sampling.temperature)).columns("kl"))
+            row.update(win_rate(scores, reference_scores).columns("win_rate"))
+            if heldout_texts:
+                row.update(perplexity_estimate(*text_nll(model, tokenizer, heldout_texts)).columns("perplexity"))
+            if references and len(references) == len(samples.completions) and all(references):
+                row.update(bleu_estimate(samples.completions, references).columns("bleu"))
+            for n in (1, 2, 3):
+                row.update(mean_interval([distinct_n(c, n) for c in samples.completions]).columns(f"distinct_{n}"))
+            for n in (3, 4, 5):
+                row.update(mean_interval(self_bleu_scores(samples.completions, n)).columns(f"self_bleu_{n}"))
+            for task in tasks:
+                row.update(wilson_interval(*task.score(model, tokenizer)).columns(task.name))
+            rows.append(row)
+            print(
+                f"  {name}: reward {row['reward']:.3f} [{row['reward_low']:.3f}, {row['reward_high']:.3f}], "
+                f"KL {row['kl']:.2f} ± {row.get('kl_se', math.nan):.2f}, win rate {row['win_rate']:.2f}",
+                flush=True,
+            )
+            if not is_reference:
+                del model
     return rows
 
 
