@@ -7,12 +7,16 @@ Checkpoints are Hugging Face directories (``save_pretrained``) or Lightning ``.c
 (the ``policy.`` tensors are taken). ``init_policy`` starts the policy from the soup too (our reading of the
 paper; the abstract does not say). Works with PPO, DPO and KTO alike: they all read ``module.reference``.
 
+``lit-align soup A B [--weights 0.5 0.5] --out DIR`` (:func:`save_soup`) writes the same average as a Hugging Face
+directory, to evaluate the soup itself or to use it as ``lit-align evaluate``'s reference.
+
 Extra copies of the weights: none kept. While the soup is built, one loaded checkpoint plus the running sum
 (float64) are in memory; under FSDP2 each rank then keeps only its shard, written into the reference.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -101,3 +105,47 @@ class ReferenceSoup(AlignmentCallback):
             f"ReferenceSoup: reference{' and policy' if self.init_policy else ''} = "
             + " + ".join(f"{w:g}·{c}" for w, c in zip(self.weights, self.checkpoints, strict=True))
         )
+
+
+def save_soup(
+    checkpoints: list[str], out: str | Path, weights: list[float] | None = None, architecture: str | None = None
+) -> Path:
+    """Write Σ_i w_i·θ_i of ``checkpoints`` to ``out`` as a Hugging Face directory (weights, config, tokenizer).
+
+    ``architecture``: the model (directory, Hub id or lit-align alias) whose config and tokenizer the soup takes;
+    default the first checkpoint, which must then be a directory. Weights are checked as ``ReferenceSoup``'s."""
+    from lit_align.models import load_causal_lm, load_tokenizer
+
+    soup = ReferenceSoup(checkpoints, weights)
+    architecture = architecture or soup.checkpoints[0]
+    if architecture.endswith(".ckpt"):
+        raise ValueError(f"lit-align soup: {architecture} is a Lightning checkpoint; give --architecture MODEL")
+    model = load_causal_lm(architecture)
+    tensors = soup.soup()
+    expected = set(model.state_dict())
+    if missing := sorted(expected - set(tensors)):
+        raise ValueError(
+            f"lit-align soup: the checkpoints lack {len(missing)} tensors of {architecture}, {missing[:3]}"
+        )
+    model.load_state_dict({name: tensors[name].float() for name in expected})
+    out = Path(out)
+    model.save_pretrained(out)
+    load_tokenizer(architecture).save_pretrained(out)
+    (out / "soup.json").write_text(
+        json.dumps({"checkpoints": soup.checkpoints, "weights": soup.weights}, indent=1) + "\n", encoding="utf-8"
+    )
+    return out
+
+
+def main(args: list[str] | None = None) -> None:
+    """``lit-align soup CHECKPOINT CHECKPOINT ... [--weights W W ...] --out DIR [--architecture MODEL]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="lit-align soup", description=main.__doc__)
+    parser.add_argument("checkpoints", nargs="+", help="HF model directories or lit-align .ckpt files")
+    parser.add_argument("--weights", type=float, nargs="+", default=None, help="one per checkpoint (default equal)")
+    parser.add_argument("--out", required=True, help="the directory to write")
+    parser.add_argument("--architecture", default=None, help="config and tokenizer (default: the first checkpoint)")
+    options = parser.parse_args(args)
+    path = save_soup(options.checkpoints, options.out, options.weights, options.architecture)
+    print(f"lit-align soup: wrote {path}")

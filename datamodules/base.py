@@ -112,6 +112,7 @@ class BenchmarkDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        shuffle_seed: int | None = None,
         group_by_length: bool = False,
         num_proc: int | None = None,
         cache_tokenized: bool = True,
@@ -137,6 +138,8 @@ class BenchmarkDataModule(LightningDataModule):
             num_workers: DataLoader workers.
             seed: seed of every shuffle here (holdout, limits, unpaired order, train loader).
             shuffle: shuffle the train loader.
+            shuffle_seed: seed of the train loader's order alone (default ``seed``): runs that differ only in the
+                order they see the same training rows, with the same holdout and limits (e.g. a sweep's seeds).
             group_by_length: put rows of similar token length in the same train batch, so less of each batch is
                 padding (``datamodules.sampling.length_grouped``: sorted within windows of 50 batches, the batches
                 then shuffled; seeded by ``seed`` + epoch, resumable, the same groups split across DDP ranks).
@@ -174,6 +177,7 @@ class BenchmarkDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.mode, self.num_workers, self.seed, self.shuffle = mode, num_workers, seed, shuffle
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.group_by_length = group_by_length
         if num_proc is not None and num_proc < 1:
             raise ValueError(f"num_proc must be >= 1 (or None), got {num_proc}")
@@ -534,13 +538,19 @@ class BenchmarkDataModule(LightningDataModule):
         collate = Collator(data.mode, self._pad_id(), self.max_length)
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
         if role == "train":
-            # Lightning's own distributed sampler always shuffles training data; ours honours ``shuffle`` and
-            # ``seed``, seeds each epoch's order by seed + epoch (Lightning calls ``set_epoch``) and resumes
-            # mid-epoch from a checkpoint (datamodules/sampling.py)
+            # Lightning's own distributed sampler always shuffles training data; ours honours ``shuffle``, seeds
+            # each epoch's order by shuffle_seed + epoch (Lightning calls ``set_epoch``) and resumes mid-epoch from
+            # a checkpoint (datamodules/sampling.py)
             rank = self.trainer.global_rank if world > 1 else 0
             lengths = data.lengths() if self.group_by_length else None
             sampler = ResumableSampler(
-                data, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed, lengths=lengths, batch_size=size
+                data,
+                num_replicas=world,
+                rank=rank,
+                shuffle=shuffle,
+                seed=self.shuffle_seed,
+                lengths=lengths,
+                batch_size=size,
             )
             return ResumableDataLoader(
                 data, sampler, batch_size=size, drop_last=drop_last, collate_fn=collate, **workers

@@ -5,6 +5,7 @@ lit-align fit --model lit_align.DPOModule --print_config
 lit-align export --ckpt_path outputs/hh_dpo/version_0/checkpoints/last.ckpt --export_dir outputs/dpo-policy
 lit-align sweep configs/experiments/<sweep>.yaml --out outputs/<sweep> [--parallel N] (lit_align/sweep.py)
 lit-align evaluate --policies outputs/a/policy outputs/b/policy --reference smollm2-135m-instruct ... (evaluate.py)
+lit-align soup outputs/sft_a/policy outputs/sft_b/policy --out outputs/soup (callbacks/reference_soup.py)
 
 Every subcommand starts from the trainer defaults in configs/trainer/default.yaml (LightningCLI
 ``default_config_files``); --config files and --trainer.* flags given on the command line override them key by key.
@@ -255,6 +256,10 @@ def main(args: list[str] | None = None) -> None:
             from lit_align.evaluate import main as evaluate_main
 
             evaluate_main(words[1:])
+        elif words[:1] == ["soup"]:
+            from callbacks.reference_soup import main as soup_main
+
+            soup_main(words[1:])
         else:
             run_cli(defaults, args)
     except CLIError as err:

@@ -9,8 +9,8 @@ For every policy (an exported directory, a Hub id or an alias), on the same prom
   (Noukhovitch et al. 2023, §4);
 * ``win_rate``: how often the policy's completion scores higher under the reward than the reference's completion
   to the same prompt (ties count ½; Wilson score interval, Wilson 1927);
-* ``perplexity`` of held-out human text (the DataModule's ``heldout_texts`` or a file; percentile bootstrap over
-  texts, 1,000 resamples);
+* ``perplexity`` of held-out human text (a file, ``--heldout_data``'s DataModule's ``heldout_texts``, or the prompt
+  DataModule's; percentile bootstrap over texts, 1,000 resamples);
 * ``bleu`` against the prompts' references when the data has them (translation; sacrebleu corpus BLEU, bootstrap
   over sentences);
 * diversity: ``distinct_{1,2,3}`` (per completion) and ``self_bleu_{3,4,5}`` (each completion against the others),
@@ -18,8 +18,10 @@ For every policy (an exported directory, a Hub id or an alias), on the same prom
 * task scores (``--tasks``, :mod:`lit_align.tasks`, e.g. few-shot SST-2 accuracy): the tax on a task, Wilson
   intervals.
 
-One row per policy goes to CSV and JSON (``<name>_low`` / ``<name>_high`` hold the interval, ``<name>_n`` the number
-of samples). The reference's own row is computed too (its KL is 0 and its win rate ½ by construction).
+Without a reward (``--reward`` not given, e.g. for DPO policies scored on the tax only) the ``reward`` and
+``win_rate`` columns are left out. One row per policy goes to CSV and JSON (``<name>_low`` / ``<name>_high`` hold
+the interval, ``<name>_n`` the number of samples). The reference's own row is computed too (its KL is 0 and its win
+rate ½ by construction).
 """
 
 from __future__ import annotations
@@ -199,8 +201,11 @@ def evaluate_policies(
             heldout_texts = datamodule.heldout_texts(prompts)
         reference_model = load_causal_lm(reference, dtype).to(device).eval()
         reward = reward.to(device) if hasattr(reward, "to") else reward
-        reference_samples = sample(reference_model, tokenizer, batches, sampling, seed)
-        reference_scores = rewards_of(reward, reference_samples)
+        needs_reference_samples = reward is not None or reference_row or reference in policies
+        reference_samples = (
+            sample(reference_model, tokenizer, batches, sampling, seed) if needs_reference_samples else None
+        )
+        reference_scores = rewards_of(reward, reference_samples) if reward is not None else None
         references = [r for batch in batches for r in batch.get(REFERENCE, [])]
         rows = []
         for name in [reference, *policies] if reference_row else policies:
@@ -209,16 +214,18 @@ def evaluate_policies(
             if not is_reference and len(load_tokenizer(name)) != len(tokenizer):
                 raise ValueError(f"evaluate: {name}'s tokenizer differs from the reference {reference}'s")
             samples = reference_samples if is_reference else sample(model, tokenizer, batches, sampling, seed)
-            scores = reference_scores if is_reference else rewards_of(reward, samples)
             row: dict[str, Any] = {
                 "policy": str(name),
                 "reference": str(reference),
                 "seed": seed,
-                "prompts": len(scores),
+                "prompts": len(samples.completions),
             }
-            row.update(mean_interval(scores).columns("reward"))
+            if reward is not None:
+                scores = reference_scores if is_reference else rewards_of(reward, samples)
+                row.update(mean_interval(scores).columns("reward"))
             row.update(mean_interval(sequence_kl(model, reference_model, samples, sampling.temperature)).columns("kl"))
-            row.update(win_rate(scores, reference_scores).columns("win_rate"))
+            if reward is not None:
+                row.update(win_rate(scores, reference_scores).columns("win_rate"))
             if heldout_texts:
                 row.update(perplexity_estimate(*text_nll(model, tokenizer, heldout_texts)).columns("perplexity"))
             if references and len(references) == len(samples.completions) and all(references):
@@ -230,11 +237,15 @@ def evaluate_policies(
             for task in tasks:
                 row.update(wilson_interval(*task.score(model, tokenizer)).columns(task.name))
             rows.append(row)
-            print(
-                f"  {name}: reward {row['reward']:.3f} [{row['reward_low']:.3f}, {row['reward_high']:.3f}], "
-                f"KL {row['kl']:.2f} ± {row.get('kl_se', math.nan):.2f}, win rate {row['win_rate']:.2f}",
-                flush=True,
-            )
+            summary = f"KL {row['kl']:.2f} ± {row.get('kl_se', math.nan):.2f}"
+            if reward is not None:
+                summary = (
+                    f"reward {row['reward']:.3f} [{row['reward_low']:.3f}, {row['reward_high']:.3f}], {summary}, "
+                    f"win rate {row['win_rate']:.2f}"
+                )
+            if "perplexity" in row:
+                summary += f", perplexity {row['perplexity']:.1f}"
+            print(f"  {name}: {summary}", flush=True)
             if not is_reference:
                 del model
     return rows
@@ -267,8 +278,11 @@ def evaluate_parser():
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--policies", type=str, nargs="+", required=True, help="exported policy directories / models")
     parser.add_argument("--reference", type=str, required=True, help="the reference model (KL, win rate)")
-    parser.add_subclass_arguments(RewardFunction, "reward", required=True)
+    parser.add_subclass_arguments(RewardFunction, "reward", required=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    parser.add_subclass_arguments(
+        LightningDataModule, "heldout_data", required=False, help="a DataModule whose heldout_texts give perplexity"
+    )
     parser.add_argument("--prompts", type=int, default=128, help="evaluation prompts (the first of the split)")
     parser.add_argument(
         "--heldout_file", type=str | None, default=None, help="human texts for perplexity, one per line"
@@ -293,6 +307,10 @@ def main(args: list[str] | None = None) -> None:
     heldout = None
     if config.heldout_file:
         heldout = [line for line in Path(config.heldout_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif objects.get("heldout_data") is not None:
+        if not hasattr(objects.heldout_data, "heldout_texts"):
+            raise ValueError(f"evaluate: --heldout_data {type(objects.heldout_data).__name__} has no heldout_texts")
+        heldout = objects.heldout_data.heldout_texts(config.prompts)
     rows = evaluate_policies(
         config.policies,
         config.reference,

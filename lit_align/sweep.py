@@ -10,6 +10,7 @@ an interpolation weight, a reset interval) over several values and seeds, and a 
                                               # (a method may name its own: a different module class)
     set: {trainer.max_steps: 24}             # overrides for every run (dotted keys, as on the command line)
     seeds: [0, 1, 2]
+    seed_keys: [seed_everything, data.init_args.shuffle_seed]   # what each seed sets (default: seed_everything)
     methods:                                  # one block per method; a method's runs = the product of its grid
       kl_penalty:
         grid: {model.init_args.kl_coef: [0.0, 0.01, 0.05, 0.1, 0.3]}
@@ -22,7 +23,7 @@ an interpolation weight, a reset interval) over several values and seeds, and a 
 
 Without ``methods`` the top-level ``grid`` is one method named after the sweep. Runs go in seed-major order (every
 method and knob for the first seed, then the next seed), so a sweep stopped early is a complete comparison at fewer
-seeds. ``evaluate: <config>`` scores each
+seeds. ``evaluate: <config>`` (or a list of configs, stacked; a method may bring its own) scores each
 finished run's exported policy with ``lit-align evaluate`` (:mod:`lit_align.evaluate`: held-out prompts, reward, KL
 to the reference, perplexity, with intervals) into the run's ``evaluation.json``; ``report:`` names the columns the
 frontier report draws (``reward``, ``drift``, ``perplexity``, ``trajectory_reward``, ``trajectory_drift``).
@@ -51,8 +52,8 @@ from typing import Any
 
 import yaml
 
-SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "methods", "evaluate", "report"}
-METHOD_KEYS = {"config", "set", "grid"}
+SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "seed_keys", "methods", "evaluate", "report"}
+METHOD_KEYS = {"config", "set", "grid", "evaluate"}
 DONE, RUNNING, EVALUATING, FAILED = "done", "running", "evaluating", "failed"
 
 
@@ -65,6 +66,7 @@ class RunSpec:
     seed: int
     fixed: dict[str, Any] = field(default_factory=dict)  # the sweep's and the method's ``set``
     configs: tuple[Path, ...] = ()  # the base configs (the method's ``config``, else the sweep's)
+    evaluate: tuple[Path, ...] = ()  # ``lit-align evaluate`` configs (the method's ``evaluate``, else the sweep's)
 
     @property
     def name(self) -> str:
@@ -99,8 +101,9 @@ class Sweep:
     configs: list[Path]
     runs: list[RunSpec]
     source: Path | None = None
-    evaluate: Path | None = None  # a ``lit-align evaluate`` config applied to each finished run's policy
+    evaluate: tuple[Path, ...] = ()  # the sweep's ``lit-align evaluate`` config(s); a method may bring its own
     report: dict[str, str] = field(default_factory=dict)  # frontier_report's column names (reward, drift, ...)
+    seed_keys: tuple[str, ...] = ("seed_everything",)  # the dotted keys that take each run's seed
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Sweep:
@@ -131,6 +134,7 @@ class Sweep:
             raise ValueError(f"{where}: give either a top-level 'grid' or 'methods' (each with its own grid)")
         if not isinstance(methods, dict) or not methods:
             raise ValueError(f"{where}: 'methods' must map method names to {{set, grid}} blocks")
+        evaluate = config_files(spec["evaluate"], f"{where}: 'evaluate'") if spec.get("evaluate") else []
         runs = []
         for method, block in methods.items():  # runs in seed-major order: each seed's whole comparison, then the next
             block = block or {}
@@ -140,6 +144,11 @@ class Sweep:
             method_configs = (
                 config_files(block["config"], f"{where}: method {method!r}") if "config" in block else configs
             )
+            method_evaluate = (
+                config_files(block["evaluate"], f"{where}: method {method!r} 'evaluate'")
+                if "evaluate" in block
+                else evaluate
+            )
             grid = mapping(block.get("grid"), f"{where}: method {method!r} 'grid'")
             for key, values in grid.items():
                 if not isinstance(values, list) or not values:
@@ -148,29 +157,27 @@ class Sweep:
             for combination in itertools.product(*(grid[k] for k in keys)):
                 for seed in seeds:
                     knobs = dict(zip(keys, combination, strict=True))
-                    runs.append(RunSpec(str(method), knobs, seed, fixed, tuple(method_configs)))
+                    runs.append(RunSpec(str(method), knobs, seed, fixed, tuple(method_configs), tuple(method_evaluate)))
         runs.sort(key=lambda run: seeds.index(run.seed))  # stable: methods and grids keep their order per seed
         names = [run.name for run in runs]
         if len(set(names)) != len(names):
             raise ValueError(f"{where}: two runs would share a directory name; make the grid values distinct")
-        evaluate = spec.get("evaluate")
-        if evaluate is not None and not Path(evaluate).is_file():
-            raise ValueError(
-                f"{where}: 'evaluate' must name a lit-align evaluate config file; {evaluate} does not exist"
-            )
+        seed_keys = spec.get("seed_keys", ["seed_everything"])
+        if not isinstance(seed_keys, list) or not seed_keys or not all(isinstance(k, str) for k in seed_keys):
+            raise ValueError(f"{where}: 'seed_keys' must be a non-empty list of dotted keys, got {seed_keys!r}")
         report = mapping(spec.get("report"), f"{where}: 'report'")
         allowed = {"reward", "drift", "perplexity", "trajectory_reward", "trajectory_drift"}
         if unknown := sorted(set(report) - allowed):
             raise ValueError(f"{where}: 'report' has unknown keys {unknown}; valid: {sorted(allowed)}")
-        evaluate_path = Path(evaluate) if evaluate else None
-        return cls(name, configs, runs, source, evaluate_path, {k: str(v) for k, v in report.items()})
+        report = {k: str(v) for k, v in report.items()}
+        return cls(name, configs, runs, source, tuple(evaluate), report, tuple(seed_keys))
 
 
 def config_files(value: Any, where: str) -> list[Path]:
     """One or more existing config files (a string or a list), relative to the current directory."""
     configs = [value] if isinstance(value, str) else value
     if not isinstance(configs, list) or not configs:
-        raise ValueError(f"{where}: 'config' must name one or more base config files")
+        raise ValueError(f"{where}: must name one or more config files (a path or a list of paths)")
     missing = [c for c in configs if not Path(c).is_file()]
     if missing:
         raise ValueError(f"{where}: config file(s) {missing} do not exist (paths are relative to {Path.cwd()})")
@@ -243,7 +250,7 @@ def prepare_run(sweep: Sweep, out: Path, run: RunSpec) -> Path:
     directory = run_directory(out, run)
     directory.mkdir(parents=True, exist_ok=True)
     placement = {
-        "seed_everything": run.seed,
+        **dict.fromkeys(sweep.seed_keys, run.seed),
         "trainer.default_root_dir": str(directory),
         "trainer.logger": {
             "class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -257,8 +264,8 @@ def prepare_run(sweep: Sweep, out: Path, run: RunSpec) -> Path:
     return directory
 
 
-def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Path | None = None) -> int:
-    """Run one fit to completion (stdout and stderr to ``directory/fit.log``), then, with an ``evaluate`` config,
+def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Sequence[Path] = ()) -> int:
+    """Run one fit to completion (stdout and stderr to ``directory/fit.log``), then, with ``evaluate`` configs,
     ``lit-align evaluate`` of its exported policy into ``directory/evaluation.json``; records the status in
     run.json (``done`` only when both succeeded)."""
     started = time.perf_counter()
@@ -266,7 +273,7 @@ def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Pat
     write_run_json(directory, run, EVALUATING if trained else RUNNING)
     with open(directory / "fit.log", "a", encoding="utf-8") as log:
         code = 0 if trained else subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
-        if code == 0 and evaluate is not None:
+        if code == 0 and evaluate:
             write_run_json(directory, run, EVALUATING)
             code = evaluate_run(directory, evaluate, log)
     status = DONE if code == 0 else FAILED
@@ -274,11 +281,14 @@ def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Pat
     return code
 
 
-def evaluate_run(directory: Path, evaluate: Path, log) -> int:
-    """``lit-align evaluate --config EVALUATE --policies <run>/policy``; the policy's row (its numbers) becomes
-    ``evaluation.json``, which the frontier report reads next to the training metrics."""
+def evaluate_run(directory: Path, evaluate: Sequence[Path], log) -> int:
+    """``lit-align evaluate --config EVALUATE [--config ...] --policies <run>/policy`` (later configs override
+    earlier ones key by key); the policy's row (its numbers) becomes ``evaluation.json``, which the frontier report
+    reads next to the training metrics."""
     rows_stem = directory / "evaluation_rows"
-    command = [sys.executable, "-m", "lit_align.cli", "evaluate", "--config", str(evaluate.resolve())]
+    command = [sys.executable, "-m", "lit_align.cli", "evaluate"]
+    for config in evaluate:
+        command += ["--config", str(Path(config).resolve())]
     command += ["--policies", str(directory / "policy"), "--out", str(rows_stem)]
     code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
     if code != 0:
@@ -320,7 +330,7 @@ def run_sweep(
         flush=True,
     )
     jobs = [
-        (fit_command(run.configs, prepare_run(sweep, out, run)), run_directory(out, run), run, sweep.evaluate)
+        (fit_command(run.configs, prepare_run(sweep, out, run)), run_directory(out, run), run, run.evaluate)
         for run in pending
     ]
     check_configs(jobs)

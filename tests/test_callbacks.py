@@ -4,6 +4,7 @@ resume from a checkpoint."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import pytest
@@ -11,12 +12,14 @@ import torch
 from helpers import fit, hh_pairs
 from lightning.pytorch.callbacks import ModelCheckpoint
 from recording import Recorder, snapshot
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from callbacks import ElasticReset, OnlineMerging, ReferenceSoup, ReferenceSync, WeightInterpolation
 from callbacks.online_merging import ondare_update, onties_update, top_fraction_mask
 from callbacks.weight_interpolation import block_alpha_per_layer
 from callbacks.weights import average_state_dicts, ema_update_, interpolate, layer_index
 from lit_align import DPOModule, KTOModule
+from lit_align.cli import main as cli_main
 from lit_align.models import LoraSettings, load_tokenizer, tiny_llama
 
 # ---- formulas ---------------------------------------------------------------------------------------------------
@@ -169,6 +172,20 @@ def test_reference_soup_averages_checkpoints(hh_dir, tmp_path):
     for name, reference in module.reference.named_parameters():
         assert torch.allclose(reference, 0.25 * a[name] + 0.75 * b[name], atol=1e-6), name
         assert torch.allclose(recorder.initial[name], reference, atol=1e-6), name  # init_policy: the policy too
+
+
+def test_lit_align_soup_writes_the_weighted_average_as_a_model_directory(tmp_path, capsys):
+    first, second = save_tiny(tmp_path / "a", seed=1), save_tiny(tmp_path / "b", seed=2)
+    cli_main(["soup", first, second, "--weights", "0.25", "0.75", "--out", str(tmp_path / "soup")])
+    assert "wrote" in capsys.readouterr().out
+    soup = AutoModelForCausalLM.from_pretrained(tmp_path / "soup")
+    a, b = dict(tiny_llama(1).named_parameters()), dict(tiny_llama(2).named_parameters())
+    for name, tensor in soup.named_parameters():
+        assert torch.allclose(tensor, 0.25 * a[name] + 0.75 * b[name], atol=1e-6), name
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "soup")) == len(load_tokenizer("tiny-llama"))
+    assert json.loads((tmp_path / "soup" / "soup.json").read_text())["weights"] == [0.25, 0.75]
+    with pytest.raises(ValueError, match="sum to 1"):
+        cli_main(["soup", first, second, "--weights", "0.5", "0.6", "--out", str(tmp_path / "bad")])
 
 
 def test_reference_soup_from_lightning_checkpoints_and_incompatible_shapes(hh_dir, tmp_path):

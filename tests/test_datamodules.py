@@ -419,6 +419,21 @@ def test_holdout_and_limits_are_disjoint_and_deterministic(tmp_path, tokenizer):
         hh_dm(tmp_path, rows, tokenizer, holdout=30).setup()
 
 
+def test_shuffle_seed_changes_only_the_training_order(tmp_path, tokenizer):
+    """A sweep's seeds vary the order of the same training rows; the holdout and the row set stay put."""
+    rows = [hh_row(i) for i in range(30)]
+
+    def order(**kwargs) -> tuple[list[int], list[str]]:
+        dm = hh_dm(tmp_path, rows, tokenizer, holdout=6, batch_size=4, **kwargs)
+        dm.setup()
+        return [i for batch in dm.train_dataloader() for i in batch[INDEX].tolist()], prompts_of(dm, "val")
+
+    base, base_val = order()
+    assert order(shuffle_seed=0) == (base, base_val)  # the default is ``seed``
+    other, other_val = order(shuffle_seed=1)
+    assert other_val == base_val and sorted(other) == sorted(base) and other != base
+
+
 # ---- TL;DR -------------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import math
 import random
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from datamodules import HHDataModule
 from lit_align.evaluate import (
@@ -131,3 +132,30 @@ def test_held_out_nll_of_padded_batches_equals_each_text_alone():
         alone.append((float(-logps.sum()), ids.shape[1] - 1))
     assert counts == [count for _, count in alone] and len(counts) == 3
     assert sums == pytest.approx([nll for nll, _ in alone], rel=1e-4)
+
+
+def test_evaluate_without_a_reward_scores_the_tax_on_another_datamodules_held_out_texts(
+    hh_dir, shared_data, tmp_path, two_policies
+):
+    """DPO policies have no reward to sample against: ``--reward`` is optional (no reward or win-rate columns), and
+    ``--heldout_data`` takes the perplexity texts from a second DataModule (real IMDB reviews here)."""
+    from datamodules import IMDBDataModule
+    from lit_align.evaluate import main as evaluate_main
+    from lit_align.evaluate import text_nll
+
+    reference, other = two_policies
+    imdb = dict(data_path=str(shared_data / "imdb"), val_split=None, holdout=20)
+    evaluate_main(
+        ["--policies", other, "--reference", reference, "--prompts", "4", "--sampling.max_new_tokens", "4",
+         "--data.class_path", "datamodules.HHDataModule", "--data.init_args.data_path", str(hh_dir),
+         "--data.init_args.train_split", "test", "--data.init_args.val_split", "null",
+         "--data.init_args.holdout", "12", "--heldout_data.class_path", "datamodules.IMDBDataModule",
+         *[arg for key, value in imdb.items() for arg in (f"--heldout_data.init_args.{key}", str(value))],
+         "--reference_row", "false", "--out", str(tmp_path / "rows")]
+    )  # fmt: skip
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["policy"] == other and row["kl"] > 0.1 and row["prompts"] == 4
+    assert not {"reward", "win_rate"} & set(row)
+    texts = IMDBDataModule(**imdb).heldout_texts(4)
+    sums, counts = text_nll(AutoModelForCausalLM.from_pretrained(other).eval(), load_tokenizer(other), texts)
+    assert row["perplexity_n"] == 4 and row["perplexity"] == pytest.approx(math.exp(sum(sums) / sum(counts)), rel=1e-4)

@@ -179,8 +179,11 @@ def test_every_shipped_experiment_file_parses(path, monkeypatch, tmp_path):
         assert config.prompts >= 128  # issue 17: at least 128 held-out prompts per point
         return
     sweep = Sweep.from_yaml(path)
-    assert len({run.seed for run in sweep.runs}) >= 3 and sweep.evaluate is not None
-    evaluate_parser().parse_args(["--config", str(sweep.evaluate), "--policies", "tiny-llama"])
+    if sweep.report:  # an experiment (not a preparatory sweep such as hh_sft): 3 seeds, every run evaluated
+        assert len({run.seed for run in sweep.runs}) >= 3 and all(run.evaluate for run in sweep.runs)
+    for evaluate in {run.evaluate for run in sweep.runs if run.evaluate}:
+        stacked = [arg for config in evaluate for arg in ("--config", str(config))]
+        evaluate_parser().parse_args([*stacked, "--policies", "tiny-llama"])
     first_of_each_knob = {(run.method, json.dumps(run.knobs, sort_keys=True)): run for run in sweep.runs}
     for run in first_of_each_knob.values():  # the fit parser must know every override (a typo would fail every run)
         directory = prepare_run(sweep, tmp_path, run)
@@ -205,6 +208,27 @@ def test_a_method_may_bring_its_own_base_config(tmp_path):
     assert {run.method: run.configs for run in sweep.runs} == {"dm": (base,), "rl": (other,)}
     with pytest.raises(ValueError, match=r"method 'rl'.*do not exist"):
         Sweep.from_dict({"config": str(base), "methods": {"rl": {"config": "missing.yaml"}}})
+
+
+def test_a_method_may_bring_its_own_evaluate_configs(tmp_path):
+    base = write(tmp_path / "base.yaml", "seed_everything: 0\n")
+    shared, own = write(tmp_path / "eval.yaml", "prompts: 128\n"), write(tmp_path / "ref.yaml", "reference: x\n")
+    methods = {"plain": {}, "soup": {"evaluate": [str(shared), str(own)]}}
+    sweep = Sweep.from_dict({"config": str(base), "evaluate": str(shared), "methods": methods})
+    assert {run.method: run.evaluate for run in sweep.runs} == {"plain": (shared,), "soup": (shared, own)}
+    with pytest.raises(ValueError, match=r"method 'soup' 'evaluate'.*do not exist"):
+        Sweep.from_dict({"config": str(base), "methods": {"soup": {"evaluate": "missing.yaml"}}})
+
+
+def test_seed_keys_give_each_run_its_seed_in_every_named_place(tmp_path):
+    base = write(tmp_path / "base.yaml", "seed_everything: 0\n")
+    spec = {"config": str(base), "seeds": [3, 4], "seed_keys": ["seed_everything", "data.init_args.shuffle_seed"]}
+    sweep = Sweep.from_dict(spec)
+    for run in sweep.runs:
+        overrides = yaml.safe_load((prepare_run(sweep, tmp_path, run) / "overrides.yaml").read_text())
+        assert overrides["seed_everything"] == overrides["data"]["init_args"]["shuffle_seed"] == run.seed
+    with pytest.raises(ValueError, match="seed_keys"):
+        Sweep.from_dict({**spec, "seed_keys": "seed_everything"})
 
 
 def test_a_run_interrupted_while_evaluating_is_not_trained_again(tmp_path):
