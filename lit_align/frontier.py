@@ -356,6 +356,47 @@ def summarise(runs: Sequence[RunRecord], reward: str, drift: str) -> list[GroupS
 # ---- plots -------------------------------------------------------------------------------------------------------
 
 
+def knob_label(knobs: dict[str, Any]) -> str:
+    """``kl_coef=0.1``, callback blocks by class and arguments (as run directory names), ``-`` for no knobs."""
+    from lit_align.sweep import short_value
+
+    return ", ".join(f"{key.split('.')[-1]}={short_value(value)}" for key, value in knobs.items()) or "-"
+
+
+def write_summary_table(runs: Sequence[RunRecord], columns: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """``summary.md``: one Markdown row per (method, knobs) over the ``done`` runs: the number of seeds and, per
+    column, the mean over seeds ± the 95 % Student-t half-width (``mean_and_half_width``; "–" where no run has it)."""
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in runs:
+        if run.status == "done":
+            groups.setdefault((run.method, json.dumps(run.knobs, sort_keys=True)), []).append(run)
+    lines = [
+        "| method | knobs | seeds | " + " | ".join(columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+
+    def order(item: tuple[tuple[str, str], list[RunRecord]]) -> tuple:  # by method, then numeric knobs as numbers
+        (method, _), members = item
+        values = members[0].knobs.values()
+        return method, [(0, v, "") if isinstance(v, (int, float)) else (1, 0, json.dumps(v)) for v in values]
+
+    for (method, _), members in sorted(groups.items(), key=order):
+        cells = []
+        for column in columns:
+            values = [run.final[column] for run in members if column in run.final]
+            if not values:
+                cells.append("–")
+                continue
+            mean, half_width = mean_and_half_width(values)
+            cells.append(f"{mean:.4g}" if math.isnan(half_width) else f"{mean:.4g} ± {half_width:.2g}")
+        row = [method, knob_label(members[0].knobs), str(len(members)), *cells]
+        lines.append("| " + " | ".join(row) + " |")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def _method_colours(methods: Iterable[str]) -> dict[str, Any]:
     palette = colormaps["tab10"].colors
     return {method: palette[i % len(palette)] for i, method in enumerate(sorted(set(methods)))}
@@ -471,13 +512,15 @@ def frontier_report(
     out_dir: str | os.PathLike[str] | None = None,
     trajectory_reward: str | None = None,
     trajectory_drift: str | None = None,
+    table: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the sweep's report into ``out_dir`` (default ``<sweep_dir>/report``) and return the paths by file name:
     ``frontier.csv``, ``trajectories.csv``, ``reward_vs_kl.{png,svg}``, ``trajectories.{png,svg}`` and, when some
     done run has a final ``perplexity`` value, ``reward_vs_perplexity.{png,svg}`` (otherwise a warning).
     ``trajectory_reward`` / ``trajectory_drift``: the training-log columns the trajectories show (default: ``reward``
     and ``drift``; e.g. ``objective/scores`` and ``objective/kl`` when the frontier is drawn from ``evaluation.json``,
-    which has no steps)."""
+    which has no steps). ``summary.md`` (:func:`write_summary_table`) tabulates reward, drift, perplexity and the
+    ``table`` columns per method and knobs over seeds."""
     runs = collect_runs(sweep_dir)
     if not runs:
         warnings.warn(f"{sweep_dir}: no runs under runs/; the report is empty", stacklevel=2)
@@ -485,6 +528,7 @@ def frontier_report(
     written = [
         write_frontier_csv(runs, out / "frontier.csv"),
         write_trajectories_csv(runs, out / "trajectories.csv"),
+        write_summary_table(runs, list(dict.fromkeys([reward, drift, perplexity, *table])), out / "summary.md"),
         *plot_frontier(runs, reward, drift, out / "reward_vs_kl", xlabel=f"{drift} (drift)", ylabel=reward),
     ]
     if any(perplexity in run.final for run in runs if run.status == "done"):

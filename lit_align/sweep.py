@@ -26,7 +26,8 @@ method and knob for the first seed, then the next seed), so a sweep stopped earl
 seeds. ``evaluate: <config>`` (or a list of configs, stacked; a method may bring its own) scores each
 finished run's exported policy with ``lit-align evaluate`` (:mod:`lit_align.evaluate`: held-out prompts, reward, KL
 to the reference, perplexity, with intervals) into the run's ``evaluation.json``; ``report:`` names the columns the
-frontier report draws (``reward``, ``drift``, ``perplexity``, ``trajectory_reward``, ``trajectory_drift``).
+frontier report draws (``reward``, ``drift``, ``perplexity``, ``trajectory_reward``, ``trajectory_drift``) and
+``table``, more columns for its ``summary.md``.
 
 Every run gets its own directory ``<out>/runs/<run name>/`` holding ``overrides.yaml`` (the run's settings as a
 config file), ``run.json`` (method, knobs, seed, status, wall time), the fit's own ``config.yaml``,
@@ -102,7 +103,7 @@ class Sweep:
     runs: list[RunSpec]
     source: Path | None = None
     evaluate: tuple[Path, ...] = ()  # the sweep's ``lit-align evaluate`` config(s); a method may bring its own
-    report: dict[str, str] = field(default_factory=dict)  # frontier_report's column names (reward, drift, ...)
+    report: dict[str, Any] = field(default_factory=dict)  # frontier_report's column names (reward, drift, ..., table)
     seed_keys: tuple[str, ...] = ("seed_everything",)  # the dotted keys that take each run's seed
 
     @classmethod
@@ -166,10 +167,15 @@ class Sweep:
         if not isinstance(seed_keys, list) or not seed_keys or not all(isinstance(k, str) for k in seed_keys):
             raise ValueError(f"{where}: 'seed_keys' must be a non-empty list of dotted keys, got {seed_keys!r}")
         report = mapping(spec.get("report"), f"{where}: 'report'")
-        allowed = {"reward", "drift", "perplexity", "trajectory_reward", "trajectory_drift"}
+        allowed = {"reward", "drift", "perplexity", "trajectory_reward", "trajectory_drift", "table"}
         if unknown := sorted(set(report) - allowed):
             raise ValueError(f"{where}: 'report' has unknown keys {unknown}; valid: {sorted(allowed)}")
+        table = report.pop("table", [])
+        if not isinstance(table, list) or not all(isinstance(column, str) for column in table):
+            raise ValueError(f"{where}: 'report: table' must be a list of column names, got {table!r}")
         report = {k: str(v) for k, v in report.items()}
+        if table:
+            report["table"] = table
         return cls(name, configs, runs, source, tuple(evaluate), report, tuple(seed_keys))
 
 

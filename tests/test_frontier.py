@@ -21,6 +21,7 @@ from lit_align.frontier import (
     read_all_metric_columns,
     read_metric_columns,
     summarise,
+    write_summary_table,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -112,6 +113,21 @@ def test_summarise_pools_seeds_with_a_t_interval():
     assert pooled.drift_half_width == pytest.approx(4.969, abs=1e-3)
     assert single.n == 1 and single.reward_mean == 5.0 and single.drift_mean == 1.0
     assert math.isnan(single.reward_half_width) and math.isnan(single.drift_half_width)
+
+
+def test_the_summary_table_gives_each_group_its_seed_mean_and_t_half_width(tmp_path):
+    runs = [
+        record("a1", knobs={"model.init_args.kl_coef": 0.1}, seed=1, r=1.0, ppl=10.0),
+        record("a2", knobs={"model.init_args.kl_coef": 0.1}, seed=2, r=2.0, ppl=12.0),
+        record("a3", knobs={"model.init_args.kl_coef": 0.1}, seed=3, r=3.0),  # no ppl: the mean of the other two
+        record("a4", knobs={"model.init_args.kl_coef": 0.1}, seed=4, status="failed", r=100.0),
+        record("b1", method="er", knobs={"trainer.callbacks": [{"class_path": "callbacks.ElasticReset"}]}, r=5.0),
+    ]
+    lines = write_summary_table(runs, ["r", "ppl", "absent"], tmp_path / "summary.md").read_text().splitlines()
+    assert lines[0] == "| method | knobs | seeds | r | ppl | absent |"
+    # r: 1, 2, 3 -> 2 ± 4.303·1/√3 = 2.484; ppl: 10, 12 -> 11 ± 12.706·1.4142/√2 = 12.706
+    assert lines[2] == "| er | callbacks=ElasticReset | 1 | 5 | – | – |"  # by method, then knob values as numbers
+    assert lines[3] == "| ppo | kl_coef=0.1 | 3 | 2 ± 2.5 | 11 ± 13 | – |"
 
 
 # ---- reading metrics.csv -------------------------------------------------------------------------------------------
@@ -289,7 +305,7 @@ def test_frontier_report_writes_every_file(tmp_path):
     with pytest.warns(UserWarning, match=r"'ppo-kl0.05-s2'.*has no 'eval_drift/perplexity'"):  # the resumed run
         written = frontier_report(sweep)
     report = sweep / "report"
-    expected = ["frontier.csv", "trajectories.csv"] + [
+    expected = ["frontier.csv", "trajectories.csv", "summary.md"] + [
         f"{stem}.{suffix}"
         for stem in ("reward_vs_kl", "reward_vs_perplexity", "trajectories")
         for suffix in ("png", "svg")
