@@ -15,8 +15,8 @@ For every policy (an exported directory, a Hub id or an alias), on the same prom
   over sentences);
 * diversity: ``distinct_{1,2,3}`` (per completion) and ``self_bleu_{3,4,5}`` (each completion against the others),
   t intervals over completions (:mod:`lit_align.metrics`);
-* task scores (``--tasks``, :mod:`lit_align.tasks`, e.g. few-shot SST-2 accuracy): the tax on a task, Wilson
-  intervals.
+* task scores (``--tasks``, :mod:`lit_align.tasks`: few-shot SST-2 accuracy, Multi30k BLEU, held-out perplexity,
+  lm-eval tasks): the tax on a task, each with its own interval.
 
 Without a reward (``--reward`` not given, e.g. for DPO policies scored on the tax only) the ``reward`` and
 ``win_rate`` columns are left out. One row per policy goes to CSV and JSON (``<name>_low`` / ``<name>_high`` hold
@@ -235,7 +235,7 @@ def evaluate_policies(
             for n in (3, 4, 5):
                 row.update(mean_interval(self_bleu_scores(samples.completions, n)).columns(f"self_bleu_{n}"))
             for task in tasks:
-                row.update(wilson_interval(*task.score(model, tokenizer)).columns(task.name))
+                row.update(task.estimate(model, tokenizer).columns(task.name))
             rows.append(row)
             summary = f"KL {row['kl']:.2f} ± {row.get('kl_se', math.nan):.2f}"
             if reward is not None:
@@ -272,7 +272,7 @@ def evaluate_parser():
     from lightning import LightningDataModule
 
     from lit_align.rewards import RewardFunction
-    from lit_align.tasks import FewShotSST2
+    from lit_align.tasks import Task
 
     parser = ArgumentParser(prog="lit-align evaluate", description=main.__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
@@ -291,7 +291,7 @@ def evaluate_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", type=str, default="float32", help="the dtype models are loaded in")
     parser.add_argument("--precision", type=str, default="32-true", help="32-true, bf16-mixed or auto")
-    parser.add_argument("--tasks", type=list[FewShotSST2], default=[], help="task scores (lit_align.tasks)")
+    parser.add_argument("--tasks", type=list[Task], default=[], help="task scores (lit_align.tasks)")
     parser.add_argument("--reference_row", type=bool, default=True, help="also score the reference itself")
     parser.add_argument("--out", type=str, default="evaluation", help="writes <out>.csv and <out>.json")
     return parser
