@@ -1,4 +1,5 @@
 """Validate a DPO policy against a reference on HH pairs with N CPU processes; rank 0 writes the metrics as JSON.
+``callbacks.TaskScore`` scores SST-2, Multi30k BLEU and held-out perplexity on odd example counts (uneven shares).
 
     python ddp_validate.py DEVICES OUT_JSON HH_DIR POLICY_DIR REFERENCE_DIR
 
@@ -14,7 +15,9 @@ import sys
 import lightning as L
 from common import hh_pairs
 
+from callbacks import TaskScore
 from lit_align import DPOModule
+from lit_align.tasks import FewShotSST2, HeldoutPerplexity, Multi30kBLEU
 
 if __name__ == "__main__":
     devices, out, hh_dir, policy_dir, reference_dir = sys.argv[1:6]
@@ -29,6 +32,15 @@ if __name__ == "__main__":
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[
+            TaskScore(
+                [
+                    FewShotSST2(shots=2, examples=9),
+                    Multi30kBLEU(shots=1, examples=5, max_new_tokens=4),
+                    HeldoutPerplexity(file=__file__, texts=7),
+                ]
+            )
+        ],
     )
     trainer.validate(module, datamodule=data, verbose=False)
     with open(f"{out}.rank{trainer.global_rank}.tokenization.json", "w") as handle:
