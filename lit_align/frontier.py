@@ -426,10 +426,13 @@ def plot_frontier(
     *,
     xlabel: str | None = None,
     ylabel: str | None = None,
+    drift_is_a_score: bool = False,
 ) -> tuple[Path, Path]:
     """Reward (y) vs drift (x) of the ``done`` runs, the Elastic Reset comparison: per (method, knobs) group the
     seed mean with 95 % error bars on both axes (none for a single seed), each seed as a faint dot, and each method's
-    Pareto front over its group means as a step line. Writes ``<path_stem>.png`` and ``.svg``; returns both paths."""
+    Pareto front over its group means as a step line. Writes ``<path_stem>.png`` and ``.svg``; returns both paths.
+    ``drift_is_a_score``: the x column is a task score kept by staying close (SST-2 accuracy: higher is less tax);
+    the Pareto front then maximises it and the x axis is reversed, so less tax is still on the left."""
     groups = summarise(runs, reward, drift)
     colours = _method_colours(run.method for run in runs)  # every run's method: the same colours in every plot
     figure = Figure(figsize=(7.5, 5.5))
@@ -450,7 +453,9 @@ def plot_frontier(
                 capsize=3,
                 label=method if i == 0 else None,
             )
-        front = [members[i] for i in pareto_front([(group.reward_mean, group.drift_mean) for group in members])]
+        sign = -1.0 if drift_is_a_score else 1.0
+        points = [(group.reward_mean, sign * group.drift_mean) for group in members]
+        front = [members[i] for i in pareto_front(points)]
         axis.step(
             [group.drift_mean for group in front],
             [group.reward_mean for group in front],
@@ -464,6 +469,8 @@ def plot_frontier(
         warnings.warn(f"plot_frontier: no done run has both {reward!r} and {drift!r}; the plot is empty", stacklevel=2)
     axis.set_xlabel(xlabel or drift)
     axis.set_ylabel(ylabel or reward)
+    if drift_is_a_score:
+        axis.invert_xaxis()
     axis.set_title("reward vs drift: seed mean ± 95 % CI, seeds faint, Pareto front per method", fontsize=10)
     axis.grid(alpha=0.3)
     if groups:
@@ -513,14 +520,17 @@ def frontier_report(
     trajectory_reward: str | None = None,
     trajectory_drift: str | None = None,
     table: Sequence[str] = (),
+    task_scores: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the sweep's report into ``out_dir`` (default ``<sweep_dir>/report``) and return the paths by file name:
     ``frontier.csv``, ``trajectories.csv``, ``reward_vs_kl.{png,svg}``, ``trajectories.{png,svg}`` and, when some
     done run has a final ``perplexity`` value, ``reward_vs_perplexity.{png,svg}`` (otherwise a warning).
     ``trajectory_reward`` / ``trajectory_drift``: the training-log columns the trajectories show (default: ``reward``
     and ``drift``; e.g. ``objective/scores`` and ``objective/kl`` when the frontier is drawn from ``evaluation.json``,
-    which has no steps). ``summary.md`` (:func:`write_summary_table`) tabulates reward, drift, perplexity and the
-    ``table`` columns per method and knobs over seeds."""
+    which has no steps). ``task_scores``: columns of task scores (higher is less tax, e.g. ``sst2_accuracy``), each
+    drawn as ``reward_vs_<column>.{png,svg}`` (the frontier as reward vs task score). ``summary.md``
+    (:func:`write_summary_table`) tabulates reward, drift, perplexity, the task scores and the ``table`` columns per
+    method and knobs over seeds."""
     runs = collect_runs(sweep_dir)
     if not runs:
         warnings.warn(f"{sweep_dir}: no runs under runs/; the report is empty", stacklevel=2)
@@ -528,7 +538,9 @@ def frontier_report(
     written = [
         write_frontier_csv(runs, out / "frontier.csv"),
         write_trajectories_csv(runs, out / "trajectories.csv"),
-        write_summary_table(runs, list(dict.fromkeys([reward, drift, perplexity, *table])), out / "summary.md"),
+        write_summary_table(
+            runs, list(dict.fromkeys([reward, drift, perplexity, *task_scores, *table])), out / "summary.md"
+        ),
         *plot_frontier(runs, reward, drift, out / "reward_vs_kl", xlabel=f"{drift} (drift)", ylabel=reward),
     ]
     if any(perplexity in run.final for run in runs if run.status == "done"):
@@ -537,5 +549,12 @@ def frontier_report(
         )
     else:
         warnings.warn(f"no done run has {perplexity!r}; reward_vs_perplexity is not drawn", stacklevel=2)
+    for column in task_scores:
+        if any(column in run.final for run in runs if run.status == "done"):
+            stem = out / f"reward_vs_{re.sub(r'[^A-Za-z0-9_.-]+', '_', column)}"
+            written += plot_frontier(runs, reward, column, stem, xlabel=f"{column} (task score; reversed)",
+                                     ylabel=reward, drift_is_a_score=True)  # fmt: skip
+        else:
+            warnings.warn(f"no done run has {column!r}; reward_vs_{column} is not drawn", stacklevel=2)
     written += plot_trajectories(runs, trajectory_reward or reward, trajectory_drift or drift, out / "trajectories")
     return {path.name: path for path in written}

@@ -27,7 +27,7 @@ seeds. ``evaluate: <config>`` (or a list of configs, stacked; a method may bring
 finished run's exported policy with ``lit-align evaluate`` (:mod:`lit_align.evaluate`: held-out prompts, reward, KL
 to the reference, perplexity, with intervals) into the run's ``evaluation.json``; ``report:`` names the columns the
 frontier report draws (``reward``, ``drift``, ``perplexity``, ``trajectory_reward``, ``trajectory_drift``) and
-``table``, more columns for its ``summary.md``.
+``table``, more columns for its ``summary.md``, and ``task_scores``, columns drawn as reward vs task score.
 
 Every run gets its own directory ``<out>/runs/<run name>/`` holding ``overrides.yaml`` (the run's settings as a
 config file), ``run.json`` (method, knobs, seed, status, wall time), the fit's own ``config.yaml``,
@@ -167,15 +167,14 @@ class Sweep:
         if not isinstance(seed_keys, list) or not seed_keys or not all(isinstance(k, str) for k in seed_keys):
             raise ValueError(f"{where}: 'seed_keys' must be a non-empty list of dotted keys, got {seed_keys!r}")
         report = mapping(spec.get("report"), f"{where}: 'report'")
-        allowed = {"reward", "drift", "perplexity", "trajectory_reward", "trajectory_drift", "table"}
+        allowed = {"reward", "drift", "perplexity", "trajectory_reward", "trajectory_drift", "table", "task_scores"}
         if unknown := sorted(set(report) - allowed):
             raise ValueError(f"{where}: 'report' has unknown keys {unknown}; valid: {sorted(allowed)}")
-        table = report.pop("table", [])
-        if not isinstance(table, list) or not all(isinstance(column, str) for column in table):
-            raise ValueError(f"{where}: 'report: table' must be a list of column names, got {table!r}")
-        report = {k: str(v) for k, v in report.items()}
-        if table:
-            report["table"] = table
+        lists = {key: report.pop(key) for key in ("table", "task_scores") if key in report}
+        for key, columns in lists.items():
+            if not isinstance(columns, list) or not all(isinstance(column, str) for column in columns):
+                raise ValueError(f"{where}: 'report: {key}' must be a list of column names, got {columns!r}")
+        report = {**{k: str(v) for k, v in report.items()}, **lists}
         return cls(name, configs, runs, source, tuple(evaluate), report, tuple(seed_keys))
 
 

@@ -213,6 +213,18 @@ def write_sweep(sweep: Path, perplexity: bool = True) -> Path:
     return sweep
 
 
+def test_the_frontier_is_also_drawn_against_task_scores(tmp_path):
+    """``task_scores`` columns (higher is less tax) get their own reward-vs-score plot with a reversed x axis."""
+    sweep = write_sweep(tmp_path / "sweep")
+    with pytest.warns(UserWarning):
+        written = frontier_report(sweep, task_scores=["bleu", "absent_score"])
+    assert {"reward_vs_bleu.png", "reward_vs_bleu.svg"} <= set(written)
+    assert_png(written["reward_vs_bleu.png"])
+    assert "bleu (task score; reversed)" in svg_texts(written["reward_vs_bleu.svg"])
+    assert not any("absent_score" in name for name in written)
+    assert "| bleu |" in (sweep / "report" / "summary.md").read_text().splitlines()[0]
+
+
 def test_collect_runs_reads_status_finals_and_trajectories(tmp_path):
     runs = {run.name: run for run in collect_runs(write_sweep(tmp_path / "sweep"))}
     assert len(runs) == 9
