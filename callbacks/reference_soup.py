@@ -107,33 +107,40 @@ class ReferenceSoup(AlignmentCallback):
         )
 
 
-def save_soup(
-    checkpoints: list[str], out: str | Path, weights: list[float] | None = None, architecture: str | None = None
-) -> Path:
-    """Write Σ_i w_i·θ_i of ``checkpoints`` to ``out`` as a Hugging Face directory (weights, config, tokenizer).
+def soup_model(checkpoints: list[str], weights: list[float] | None = None, architecture: str | None = None):
+    """A causal LM (float32) holding Σ_i w_i·θ_i of ``checkpoints``.
 
-    ``architecture``: the model (directory, Hub id or lit-align alias) whose config and tokenizer the soup takes;
-    default the first checkpoint, which must then be a directory. Weights are checked as ``ReferenceSoup``'s."""
-    from lit_align.models import load_causal_lm, load_tokenizer
+    ``architecture``: the model (directory, Hub id or lit-align alias) whose config the soup takes; default the
+    first checkpoint, which must then be a directory. Weights are checked as ``ReferenceSoup``'s."""
+    from lit_align.models import load_causal_lm
 
     soup = ReferenceSoup(checkpoints, weights)
     architecture = architecture or soup.checkpoints[0]
     if architecture.endswith(".ckpt"):
-        raise ValueError(f"lit-align soup: {architecture} is a Lightning checkpoint; give --architecture MODEL")
+        raise ValueError(f"soup: {architecture} is a Lightning checkpoint; give the architecture (a model)")
     model = load_causal_lm(architecture)
     tensors = soup.soup()
     expected = set(model.state_dict())
     if missing := sorted(expected - set(tensors)):
-        raise ValueError(
-            f"lit-align soup: the checkpoints lack {len(missing)} tensors of {architecture}, {missing[:3]}"
-        )
+        raise ValueError(f"soup: the checkpoints lack {len(missing)} tensors of {architecture}, {missing[:3]}")
     model.load_state_dict({name: tensors[name].float() for name in expected})
+    return model
+
+
+def save_soup(
+    checkpoints: list[str], out: str | Path, weights: list[float] | None = None, architecture: str | None = None
+) -> Path:
+    """Write :func:`soup_model` to ``out`` as a Hugging Face directory (weights, config, the architecture's
+    tokenizer), with ``soup.json`` naming the checkpoints and weights."""
+    from lit_align.models import load_tokenizer
+
+    model = soup_model(checkpoints, weights, architecture)
     out = Path(out)
     model.save_pretrained(out)
-    load_tokenizer(architecture).save_pretrained(out)
-    (out / "soup.json").write_text(
-        json.dumps({"checkpoints": soup.checkpoints, "weights": soup.weights}, indent=1) + "\n", encoding="utf-8"
-    )
+    load_tokenizer(architecture or str(checkpoints[0])).save_pretrained(out)
+    weights = list(weights) if weights is not None else [1.0 / len(checkpoints)] * len(checkpoints)
+    record = {"checkpoints": [str(c) for c in checkpoints], "weights": weights}
+    (out / "soup.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return out
 
 

@@ -43,7 +43,7 @@ from lit_align.generation import SamplingSettings, decode_responses, sample_resp
 from lit_align.intervals import Estimate, bootstrap_interval, mean_interval, wilson_interval
 from lit_align.logprobs import response_logprobs
 from lit_align.metrics import distinct_n, self_bleu_scores
-from lit_align.models import load_causal_lm, load_tokenizer
+from lit_align.models import load_causal_lm, load_tokenizer, torch_dtype
 from lit_align.precision import AUTO, fastest_precision
 from lit_align.rollout import text_token_logprobs
 
@@ -173,7 +173,7 @@ def evaluation_batches(datamodule, tokenizer, prompts: int, split: str = "valida
 
 def evaluate_policies(
     policies: Sequence[str],
-    reference: str,
+    reference: str | Sequence[str],
     reward,
     datamodule,
     prompts: int = 128,
@@ -186,6 +186,8 @@ def evaluate_policies(
     reference_row: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per policy (the reference first, as ``reference``); see the module docstring for the columns.
+    ``reference``: a model, or a list of models whose equal-weight average (a soup, ``callbacks.ReferenceSoup``'s
+    reference) is the reference.
     ``precision``: ``32-true``, ``bf16-mixed`` (bf16 autocast) or ``auto``
     (:func:`lit_align.precision.fastest_precision`). ``tasks``: task scores (:mod:`lit_align.tasks`), each an
     accuracy with its Wilson interval. ``reference_row=False`` leaves out the reference's own row (its samples are
@@ -195,11 +197,17 @@ def evaluate_policies(
     if precision not in ("32-true", "bf16-mixed"):
         raise ValueError(f"evaluate: precision must be 32-true, bf16-mixed or auto, got {precision!r}")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        tokenizer = load_tokenizer(reference)
+        is_soup = not isinstance(reference, str)
+        if is_soup:
+            from callbacks.reference_soup import soup_model
+
+            reference = [str(member) for member in reference]
+        tokenizer = load_tokenizer(reference[0] if is_soup else reference)
         batches = evaluation_batches(datamodule, tokenizer, prompts)
         if heldout_texts is None and hasattr(datamodule, "heldout_texts"):
             heldout_texts = datamodule.heldout_texts(prompts)
-        reference_model = load_causal_lm(reference, dtype).to(device).eval()
+        reference_model = soup_model(reference).to(torch_dtype(dtype)) if is_soup else load_causal_lm(reference, dtype)
+        reference_model = reference_model.to(device).eval()
         reward = reward.to(device) if hasattr(reward, "to") else reward
         needs_reference_samples = reward is not None or reference_row or reference in policies
         reference_samples = (
@@ -208,6 +216,7 @@ def evaluate_policies(
         reference_scores = rewards_of(reward, reference_samples) if reward is not None else None
         references = [r for batch in batches for r in batch.get(REFERENCE, [])]
         rows = []
+        reference_name = f"soup({', '.join(reference)})" if is_soup else reference
         for name in [reference, *policies] if reference_row else policies:
             is_reference = name == reference
             model = reference_model if is_reference else load_causal_lm(name, dtype).to(device).eval()
@@ -215,8 +224,8 @@ def evaluate_policies(
                 raise ValueError(f"evaluate: {name}'s tokenizer differs from the reference {reference}'s")
             samples = reference_samples if is_reference else sample(model, tokenizer, batches, sampling, seed)
             row: dict[str, Any] = {
-                "policy": str(name),
-                "reference": str(reference),
+                "policy": reference_name if is_reference else str(name),
+                "reference": reference_name,
                 "seed": seed,
                 "prompts": len(samples.completions),
             }
@@ -245,7 +254,7 @@ def evaluate_policies(
                 )
             if "perplexity" in row:
                 summary += f", perplexity {row['perplexity']:.1f}"
-            print(f"  {name}: {summary}", flush=True)
+            print(f"  {row['policy']}: {summary}", flush=True)
             if not is_reference:
                 del model
     return rows
@@ -277,7 +286,9 @@ def evaluate_parser():
     parser = ArgumentParser(prog="lit-align evaluate", description=main.__doc__)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--policies", type=str, nargs="+", required=True, help="exported policy directories / models")
-    parser.add_argument("--reference", type=str, required=True, help="the reference model (KL, win rate)")
+    parser.add_argument(
+        "--reference", type=str | list[str], required=True, help="the reference model, or a list: their soup"
+    )
     parser.add_subclass_arguments(RewardFunction, "reward", required=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     parser.add_subclass_arguments(

@@ -11,6 +11,7 @@ an interpolation weight, a reset interval) over several values and seeds, and a 
     set: {trainer.max_steps: 24}             # overrides for every run (dotted keys, as on the command line)
     seeds: [0, 1, 2]
     seed_keys: [seed_everything, data.init_args.shuffle_seed]   # what each seed sets (default: seed_everything)
+    requires: [{sweep: configs/experiments/hh_sft.yaml, out: outputs/experiments/hh_sft}]  # run (or skip) first
     methods:                                  # one block per method; a method's runs = the product of its grid
       kl_penalty:
         grid: {model.init_args.kl_coef: [0.0, 0.01, 0.05, 0.1, 0.3]}
@@ -53,7 +54,7 @@ from typing import Any
 
 import yaml
 
-SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "seed_keys", "methods", "evaluate", "report"}
+SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "seed_keys", "methods", "evaluate", "report", "requires"}
 METHOD_KEYS = {"config", "set", "grid", "evaluate"}
 DONE, RUNNING, EVALUATING, FAILED = "done", "running", "evaluating", "failed"
 
@@ -105,6 +106,7 @@ class Sweep:
     evaluate: tuple[Path, ...] = ()  # the sweep's ``lit-align evaluate`` config(s); a method may bring its own
     report: dict[str, Any] = field(default_factory=dict)  # frontier_report's column names (reward, drift, ..., table)
     seed_keys: tuple[str, ...] = ("seed_everything",)  # the dotted keys that take each run's seed
+    requires: tuple[tuple[Path, Path], ...] = ()  # (sweep file, its out dir): sweeps that must be done first
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Sweep:
@@ -175,7 +177,14 @@ class Sweep:
             if not isinstance(columns, list) or not all(isinstance(column, str) for column in columns):
                 raise ValueError(f"{where}: 'report: {key}' must be a list of column names, got {columns!r}")
         report = {**{k: str(v) for k, v in report.items()}, **lists}
-        return cls(name, configs, runs, source, tuple(evaluate), report, tuple(seed_keys))
+        requires = []
+        for item in spec.get("requires") or []:
+            if not isinstance(item, dict) or set(item) != {"sweep", "out"}:
+                raise ValueError(f"{where}: each 'requires' entry must be {{sweep: FILE, out: DIR}}, got {item!r}")
+            if not Path(item["sweep"]).is_file():
+                raise ValueError(f"{where}: required sweep file {item['sweep']} does not exist")
+            requires.append((Path(item["sweep"]), Path(item["out"])))
+        return cls(name, configs, runs, source, tuple(evaluate), report, tuple(seed_keys), tuple(requires))
 
 
 def config_files(value: Any, where: str) -> list[Path]:
@@ -339,6 +348,10 @@ def run_sweep(
         for run in pending
     ]
     check_configs(jobs)
+    for required, required_out in sweep.requires:  # e.g. the SFT models a soup experiment starts from
+        statuses = run_sweep(required, required_out, parallel, executor, slurm, report=False)
+        if not_done := sorted(name for name, status in statuses.items() if status != DONE):
+            raise RuntimeError(f"sweep {sweep.name}: required sweep {required} has runs not done: {not_done}")
     if executor == "local":
         run_locally(jobs, parallel)
     elif executor == "slurm":
@@ -416,6 +429,9 @@ def main(args: list[str] | None = None) -> None:
     options = parser.parse_args(args)
     sweep = Sweep.from_yaml(options.sweep)
     if options.dry_run:
+        for required, required_out in sweep.requires:
+            for run in Sweep.from_yaml(required).runs:
+                print(f"(requires {required}) {run.name}\t{read_status(run_directory(required_out, run)) or 'pending'}")
         for run in sweep.runs:
             print(f"{run.name}\t{read_status(run_directory(Path(options.out), run)) or 'pending'}")
         return

@@ -231,6 +231,22 @@ def test_seed_keys_give_each_run_its_seed_in_every_named_place(tmp_path):
         Sweep.from_dict({**spec, "seed_keys": "seed_everything"})
 
 
+def test_a_required_sweep_runs_first_and_its_failure_stops_the_sweep(tmp_path, hh_dir):
+    """``requires``: the SFT sweep a soup experiment needs runs (or is skipped when done) before the sweep's own runs;
+    if one of its runs fails, nothing of the sweep itself starts."""
+    broken = write(tmp_path / "broken.yaml", TINY_RLOO.format(hh=hh_dir).replace("model: tiny-llama", "model: nowhere"))
+    required = write(tmp_path / "sft.yaml", yaml.safe_dump({"config": str(broken), "seeds": [1]}))
+    base = write(tmp_path / "base.yaml", TINY_RLOO.format(hh=hh_dir))
+    spec = {"config": str(base), "requires": [{"sweep": str(required), "out": str(tmp_path / "sft")}]}
+    with pytest.raises(RuntimeError, match=r"required sweep .*sft.yaml has runs not done: \['sft_seed=1'\]"):
+        run_sweep(Sweep.from_dict(spec), tmp_path / "out", report=False)
+    assert (tmp_path / "sft" / "runs" / "sft_seed=1" / "fit.log").is_file()
+    assert not list((tmp_path / "out" / "runs").glob("*/run.json"))  # the sweep's own run never started
+    for bad in ([{"sweep": str(required)}], [{"sweep": "missing.yaml", "out": "x"}]):
+        with pytest.raises(ValueError, match="requires|does not exist"):
+            Sweep.from_dict({**spec, "requires": bad})
+
+
 def test_a_run_interrupted_while_evaluating_is_not_trained_again(tmp_path):
     """The fit ended (its policy exported) and the sweep stopped during ``lit-align evaluate``: a rerun must not start
     the fit again (resumed at max_steps it would make no step and fail) but only evaluate."""
