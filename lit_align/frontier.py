@@ -316,12 +316,21 @@ class GroupSummary:
         return len(self.runs)
 
 
+def group_done_runs(runs: Iterable[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
+    """The ``done`` runs by (method, knobs as sorted JSON): one group per setting, its seeds in it."""
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in runs:
+        if run.status == "done":
+            groups.setdefault((run.method, json.dumps(run.knobs, sort_keys=True)), []).append(run)
+    return groups
+
+
 def summarise(runs: Sequence[RunRecord], reward: str, drift: str) -> list[GroupSummary]:
     """Pool the seeds of the ``done`` runs by (method, knobs), sorted by method then knobs.
 
     A done run without a final ``reward`` or ``drift`` value is left out with a warning naming the run and column.
     """
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    complete = []
     for run in runs:
         if run.status != "done":
             continue
@@ -330,7 +339,8 @@ def summarise(runs: Sequence[RunRecord], reward: str, drift: str) -> list[GroupS
             names = " and ".join(repr(column) for column in missing)
             warnings.warn(f"run {run.name!r} ({run.directory}) has no {names}; left out of the summary", stacklevel=2)
             continue
-        groups.setdefault((run.method, json.dumps(run.knobs, sort_keys=True)), []).append(run)
+        complete.append(run)
+    groups = group_done_runs(complete)
     summaries = []
     for (method, _), members in sorted(groups.items()):
         rewards = [run.final[reward] for run in members]
@@ -366,10 +376,7 @@ def knob_label(knobs: dict[str, Any]) -> str:
 def write_summary_table(runs: Sequence[RunRecord], columns: Sequence[str], path: str | os.PathLike[str]) -> Path:
     """``summary.md``: one Markdown row per (method, knobs) over the ``done`` runs: the number of seeds and, per
     column, the mean over seeds ± the 95 % Student-t half-width (``mean_and_half_width``; "–" where no run has it)."""
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
-    for run in runs:
-        if run.status == "done":
-            groups.setdefault((run.method, json.dumps(run.knobs, sort_keys=True)), []).append(run)
+    groups = group_done_runs(runs)
     lines = [
         "| method | knobs | seeds | " + " | ".join(columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
