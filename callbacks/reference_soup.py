@@ -138,8 +138,8 @@ def save_soup(
     out = Path(out)
     model.save_pretrained(out)
     load_tokenizer(architecture or str(checkpoints[0])).save_pretrained(out)
-    weights = list(weights) if weights is not None else [1.0 / len(checkpoints)] * len(checkpoints)
-    record = {"checkpoints": [str(c) for c in checkpoints], "weights": weights}
+    checked = ReferenceSoup(checkpoints, weights)  # its checkpoint names and (default equal) weights
+    record = {"checkpoints": checked.checkpoints, "weights": checked.weights}
     (out / "soup.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return out
 
