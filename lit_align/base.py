@@ -154,6 +154,10 @@ class AlignmentModule(L.LightningModule):
     metric_names: ClassVar[tuple[str, ...]] = ("loss",)
     progress_bar_metrics: ClassVar[tuple[str, ...]] = ("loss",)
     paper: ClassVar[str] = ""  # the method's paper, for exported model cards
+    # Arguments that are objects (a reward, a target): left out of the hyperparameters, so no reward model is pickled
+    # into a checkpoint. The CLI puts back the config they were built from (AlignCLI.after_instantiate_classes), so a
+    # checkpoint of `lit-align fit` still rebuilds them in load_from_checkpoint and `lit-align export`.
+    object_arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -191,7 +195,7 @@ class AlignmentModule(L.LightningModule):
         if logprob_chunk_size is not None and logprob_chunk_size < 1:
             raise ValueError(f"logprob_chunk_size must be >= 1 (or None: no chunking), got {logprob_chunk_size}")
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(self.object_arguments))
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.policy: PreTrainedModel | None = None
         self.reference: PreTrainedModel | None = None

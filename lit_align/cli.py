@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.pytorch import Trainer
@@ -106,6 +107,19 @@ class AlignCLI(LightningCLI):
         config.model.init_args.gradient_accumulation_steps = accumulate
         config.trainer.accumulate_grad_batches = 1
         rank_zero_info(f"{class_path}: accumulating gradients over {accumulate} micro-batches per minibatch step")
+
+    def after_instantiate_classes(self) -> None:
+        """Put the config of the module's object arguments (``object_arguments``: a reward, a target; left out of
+        its hyperparameters) back into them, so this run's checkpoints rebuild those objects on their own."""
+        if not isinstance(self.model, AlignmentModule) or not self.model.object_arguments:
+            return
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        parser = self._parser(self.subcommand)
+        dumped = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False, format="yaml"))
+        given = (dumped.get("model") or {}).get("init_args") or {}
+        for name in self.model.object_arguments:
+            if name in given:
+                self.model.hparams[name] = given[name]
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Drop the ``--checkpoint`` callback when checkpointing is off or the config lists a ModelCheckpoint."""

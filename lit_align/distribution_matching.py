@@ -84,6 +84,7 @@ class DistributionMatchingModule(AlignmentModule):
     )
 
     data_mode: ClassVar[str] = "prompt"
+    object_arguments = ("target",)
     metric_names = (
         "loss",
         "dpg/log_z",
@@ -125,7 +126,7 @@ class DistributionMatchingModule(AlignmentModule):
             raise ValueError(f"grad_variance_every must be >= 0 (0 = never), got {grad_variance_every}")
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["target"])
+        self.save_hyperparameters(ignore=list(self.object_arguments))
         self.sampling = sampling
         self.target = target
         feature_metrics = tuple(f"constraints/{name}" for name in target.feature_names)

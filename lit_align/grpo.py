@@ -199,6 +199,7 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
     )
 
     data_mode: ClassVar[str] = "prompt"
+    object_arguments = ("reward_funcs",)
     metric_names = (
         "reward",
         "reward_std",
@@ -276,7 +277,7 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
             raise ValueError("GRPOModule: " + "; ".join(problems))
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["reward_funcs"])
+        self.save_hyperparameters(ignore=list(self.object_arguments))
         self.sampling = sampling
         self.automatic_optimization = False
         self.uses_reference = beta != 0.0  # β = 0: no reference copy is built (AlignmentModule.build_models)

@@ -170,6 +170,7 @@ class PPOModule(RolloutMechanics, AlignmentModule):
     )
 
     data_mode: ClassVar[str] = "prompt"
+    object_arguments = ("reward",)
     metric_names = (
         "objective/scores",
         "objective/kl",
@@ -257,7 +258,7 @@ class PPOModule(RolloutMechanics, AlignmentModule):
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # validates the estimator name early
         sampling = SamplingSettings.of(sampling)  # a dict from Python too; checked before any model loads
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["reward"])
+        self.save_hyperparameters(ignore=list(self.object_arguments))
         self.sampling = sampling
         self.automatic_optimization = False
         self.reward = reward.freeze() if isinstance(reward, RewardFunction) else reward

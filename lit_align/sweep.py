@@ -247,15 +247,36 @@ def write_run_json(directory: Path, run: RunSpec, status: str, **extra: Any) -> 
 
 def fit_command(configs: Sequence[Path], directory: Path, resume: bool = True) -> list[str]:
     """The ``lit-align fit`` command line of a run whose settings are in ``directory/overrides.yaml``; an interrupted
-    run resumes from its ``last.ckpt`` (unless ``resume`` is False)."""
+    run resumes from its ``last.ckpt`` (unless ``resume`` is False). A run killed after its final checkpoint but
+    before its export finished gets ``lit-align export`` of that checkpoint instead: resumed at ``max_steps``, a fit
+    makes no step and exports nothing (:class:`lit_align.checkpointing.FitGuard`)."""
+    last = directory / "checkpoints" / "last.ckpt"
+    if resume and last.exists() and training_is_complete(last, directory):
+        return [sys.executable, "-m", "lit_align.cli", "export", "--ckpt_path", str(last), "--export_dir",
+                str(directory / "policy")]  # fmt: skip
     command = [sys.executable, "-m", "lit_align.cli", "fit"]
     for config in configs:
         command += ["--config", str(Path(config).resolve())]
     command += ["--config", str(directory / "overrides.yaml")]
-    last = directory / "checkpoints" / "last.ckpt"
     if resume and last.exists():
         command += ["--ckpt_path", str(last)]
     return command
+
+
+def training_is_complete(checkpoint: Path, directory: Path) -> bool:
+    """Whether ``checkpoint`` is at the ``trainer.max_steps`` of the run's own saved ``config.yaml`` (the newest
+    ``logs/version_*``); False when either is unknown (an epoch-bounded run resumes and the fit decides)."""
+    import torch
+
+    configs = sorted(directory.glob("logs/version_*/config.yaml"), key=lambda path: path.stat().st_mtime)
+    if not configs:
+        return False
+    trainer = (yaml.safe_load(configs[-1].read_text(encoding="utf-8")) or {}).get("trainer") or {}
+    max_steps = trainer.get("max_steps")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        return False
+    step = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    return isinstance(step, int) and step >= max_steps
 
 
 def prepare_run(sweep: Sweep, out: Path, run: RunSpec) -> Path:

@@ -489,3 +489,33 @@ def test_the_logged_gradient_variance_matches_per_sample_gradients(toy_lm):
     expected = float(stacked.pow(2).sum(-1).mean() - stacked.mean(0).pow(2).sum())
     assert expected > 0
     assert float(logged) == pytest.approx(expected, rel=1e-3)
+
+
+def test_the_cli_keeps_the_targets_config_so_a_checkpoint_rebuilds_it(monkeypatch, tmp_path):
+    """The target (an object) is not pickled into checkpoints; the config it was built from is, so
+    ``load_from_checkpoint`` and ``lit-align export`` rebuild it (Lightning's ``instantiate_module``)."""
+    import sys
+    from pathlib import Path
+
+    from lightning.pytorch.cli import instantiate_module
+
+    from datamodules.base import BenchmarkDataModule
+    from lit_align.base import AlignmentModule
+    from lit_align.cli import TRAINER_DEFAULTS_FILE, AlignCLI
+    from lit_align.ebm import PointwiseConstraint
+
+    monkeypatch.setattr(sys, "argv", ["lit-align"])
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[1] / "configs/controlled/science_wordlist.yaml"
+    cli = AlignCLI(
+        AlignmentModule, BenchmarkDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+        parser_kwargs={"default_config_files": [str(TRAINER_DEFAULTS_FILE)]},
+        args=["--config", str(config), "--model.init_args.model", "tiny-llama"], save_config_callback=None,
+    )  # fmt: skip
+    saved = cli.model.hparams["target"]
+    assert saved["class_path"] == "lit_align.ebm.PointwiseConstraint"
+    assert "laboratory" in saved["init_args"]["features"]["science"]["init_args"]["words"]
+    hparams = {key: value for key, value in cli.model.hparams.items() if key != "_instantiator"}
+    rebuilt = instantiate_module(DistributionMatchingModule, hparams)
+    assert isinstance(rebuilt.target, PointwiseConstraint) and rebuilt.target.feature_names == ["science"]
+    assert "target" not in DistributionMatchingModule(model="tiny-llama", target=rebuilt.target).hparams

@@ -189,6 +189,8 @@ def test_every_reward_function_none_gives_zero_with_a_warning():
 
 
 def test_reward_functions_from_yaml_by_import_path_and_class_path(monkeypatch):
+    from lightning.pytorch.cli import instantiate_module
+
     from datamodules.base import BenchmarkDataModule
     from lit_align.base import AlignmentModule
     from lit_align.cli import AlignCLI
@@ -221,6 +223,12 @@ def test_reward_functions_from_yaml_by_import_path_and_class_path(monkeypatch):
     assert isinstance(module.reward_funcs[1], LexiconSentimentReward) and module.reward_funcs[1].sign == -1.0
     assert module.reward_func_names == ["length_reward", "LexiconSentimentReward"]
     assert module.reward_weights.tolist() == pytest.approx([0.1, 1.0])
+    # the checkpoint keeps the functions' config, not the objects, and rebuilds them (load_from_checkpoint's path)
+    saved = module.hparams["reward_funcs"]
+    assert saved[0] == f"{__name__}.length_reward" and saved[1]["init_args"]["sign"] == -1.0
+    hparams = {key: value for key, value in module.hparams.items() if key != "_instantiator"}
+    rebuilt = instantiate_module(GRPOModule, hparams)
+    assert rebuilt.reward_funcs[0] is length_reward and rebuilt.reward_funcs[1].sign == -1.0
 
 
 # ---- the module on a tiny model ------------------------------------------------------------------------------
@@ -228,6 +236,7 @@ def test_reward_functions_from_yaml_by_import_path_and_class_path(monkeypatch):
 
 def test_beta_zero_builds_no_reference_and_beta_builds_one():
     without = GRPOModule(model="tiny-llama", reward_funcs=[target_count], beta=0.0)
+    assert "reward_funcs" not in without.hparams  # an object built in Python is not pickled into checkpoints
     without.configure_model()
     assert without.reference is None and not without.needs_reference_model()
     with_kl = GRPOModule(model="tiny-llama", reward_funcs=[target_count], beta=0.04)

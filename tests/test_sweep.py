@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,6 +146,18 @@ def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
     report = out / "report"
     rows = (report / "frontier.csv").read_text().splitlines()
     assert len(rows) == 5 and "model.init_args.kl_coef" in rows[0]
+
+    # Killed after its final checkpoint, before its export finished: the rerun exports that checkpoint (a fit resumed
+    # at max_steps would make no step, export nothing and fail).
+    cut = out / "runs" / finished[0]
+    shutil.rmtree(cut / "policy")
+    record = json.loads((cut / "run.json").read_text())
+    (cut / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    log_before = (cut / "fit.log").read_text()
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "4 runs, 3 done, 1 to run" in result.stdout, result.stderr[-3000:]
+    assert statuses(out)[finished[0]] == DONE and (cut / "policy" / "config.json").is_file()
+    assert "no optimizer step" not in (cut / "fit.log").read_text()[len(log_before) :]
     for name in ("reward_vs_kl", "trajectories"):
         assert (report / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (report / f"{name}.svg").is_file()
