@@ -12,6 +12,7 @@ an interpolation weight, a reset interval) over several values and seeds, and a 
     seeds: [0, 1, 2]
     seed_keys: [seed_everything, data.init_args.shuffle_seed]   # what each seed sets (default: seed_everything)
     requires: [{sweep: configs/experiments/hh_sft.yaml, out: outputs/experiments/hh_sft}]  # run (or skip) first
+    keep_checkpoints: false                   # delete a run's checkpoints/ once it is done (default: keep)
     methods:                                  # one block per method; a method's runs = the product of its grid
       kl_penalty:
         grid: {model.init_args.kl_coef: [0.0, 0.01, 0.05, 0.1, 0.3]}
@@ -32,9 +33,10 @@ frontier report draws (``reward``, ``drift``, ``perplexity``, ``trajectory_rewar
 
 Every run gets its own directory ``<out>/runs/<run name>/`` holding ``overrides.yaml`` (the run's settings as a
 config file), ``run.json`` (method, knobs, seed, status, wall time), the fit's own ``config.yaml``,
-``logs/version_*/metrics.csv``, ``checkpoints/`` and the exported ``policy/``. A run whose ``run.json`` says ``done``
-is skipped, so a sweep killed halfway resumes where it stopped; a run that was interrupted resumes from its
-``last.ckpt`` (``--ckpt_path``). Runs go one at a time or ``parallel`` at a time as local processes, or to SLURM as a
+``logs/version_*/metrics.csv``, ``checkpoints/`` (deleted once the run is done with ``keep_checkpoints: false``:
+a 135M-parameter run keeps 1.6 GB) and the exported ``policy/``. A run whose ``run.json`` says ``done`` is skipped,
+so a sweep killed halfway resumes where it stopped; a run that was interrupted resumes from its ``last.ckpt``
+(``--ckpt_path``). Runs go one at a time or ``parallel`` at a time as local processes, or to SLURM as a
 job array through submitit (the optional extra ``lit-align[slurm]``): a cluster engine, not a home-made scheduler.
 """
 
@@ -44,6 +46,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -54,7 +57,10 @@ from typing import Any
 
 import yaml
 
-SWEEP_KEYS = {"name", "config", "set", "grid", "seeds", "seed_keys", "methods", "evaluate", "report", "requires"}
+SWEEP_KEYS = {
+    "name", "config", "set", "grid", "seeds", "seed_keys", "methods", "evaluate", "report", "requires",
+    "keep_checkpoints",
+}  # fmt: skip
 METHOD_KEYS = {"config", "set", "grid", "evaluate"}
 DONE, RUNNING, EVALUATING, FAILED = "done", "running", "evaluating", "failed"
 
@@ -107,6 +113,7 @@ class Sweep:
     report: dict[str, Any] = field(default_factory=dict)  # frontier_report's column names (reward, drift, ..., table)
     seed_keys: tuple[str, ...] = ("seed_everything",)  # the dotted keys that take each run's seed
     requires: tuple[tuple[Path, Path], ...] = ()  # (sweep file, its out dir): sweeps that must be done first
+    keep_checkpoints: bool = True  # False: a run's checkpoints/ is deleted once it is done (its policy/ stays)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Sweep:
@@ -184,7 +191,12 @@ class Sweep:
             if not Path(item["sweep"]).is_file():
                 raise ValueError(f"{where}: required sweep file {item['sweep']} does not exist")
             requires.append((Path(item["sweep"]), Path(item["out"])))
-        return cls(name, configs, runs, source, tuple(evaluate), report, tuple(seed_keys), tuple(requires))
+        keep_checkpoints = spec.get("keep_checkpoints", True)
+        if not isinstance(keep_checkpoints, bool):
+            raise ValueError(f"{where}: 'keep_checkpoints' must be true or false, got {keep_checkpoints!r}")
+        return cls(
+            name, configs, runs, source, tuple(evaluate), report, tuple(seed_keys), tuple(requires), keep_checkpoints
+        )
 
 
 def config_files(value: Any, where: str) -> list[Path]:
@@ -299,10 +311,13 @@ def prepare_run(sweep: Sweep, out: Path, run: RunSpec) -> Path:
     return directory
 
 
-def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Sequence[Path] = ()) -> int:
+def execute_run(
+    command: list[str], directory: Path, run: RunSpec, evaluate: Sequence[Path] = (), keep_checkpoints: bool = True
+) -> int:
     """Run one fit to completion (stdout and stderr to ``directory/fit.log``), then, with ``evaluate`` configs,
     ``lit-align evaluate`` of its exported policy into ``directory/evaluation.json``; records the status in
-    run.json (``done`` only when both succeeded)."""
+    run.json (``done`` only when both succeeded). Without ``keep_checkpoints`` a done run's ``checkpoints/`` is
+    deleted: the report needs only its logs, ``evaluation.json`` and ``policy/``."""
     started = time.perf_counter()
     trained = read_status(directory) == EVALUATING  # the fit ended before an interruption: only evaluate again
     write_run_json(directory, run, EVALUATING if trained else RUNNING)
@@ -313,6 +328,8 @@ def execute_run(command: list[str], directory: Path, run: RunSpec, evaluate: Seq
             code = evaluate_run(directory, evaluate, log)
     status = DONE if code == 0 else FAILED
     write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)
+    if status == DONE and not keep_checkpoints:
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
     return code
 
 
@@ -365,7 +382,13 @@ def run_sweep(
         flush=True,
     )
     jobs = [
-        (fit_command(run.configs, prepare_run(sweep, out, run)), run_directory(out, run), run, run.evaluate)
+        (
+            fit_command(run.configs, prepare_run(sweep, out, run)),
+            run_directory(out, run),
+            run,
+            run.evaluate,
+            sweep.keep_checkpoints,
+        )
         for run in pending
     ]
     check_configs(jobs)
@@ -391,7 +414,7 @@ def check_configs(jobs: list[tuple]) -> None:
     """Parse one run of every method and knob key set with ``lit-align fit --print_config`` before anything trains:
     a typo in an override fails here, with the parser's message, instead of in every run."""
     seen = set()
-    for _, directory, run, _ in jobs:
+    for _, directory, run, *_ in jobs:
         signature = (run.method, tuple(run.knobs))
         if signature in seen:
             continue
@@ -406,9 +429,10 @@ def check_configs(jobs: list[tuple]) -> None:
 def run_locally(jobs: list[tuple], parallel: int) -> None:
     """Up to ``parallel`` fits at a time as child processes; each child's own threads share the machine."""
     if parallel == 1:
-        for command, directory, run, evaluate in jobs:
+        for job in jobs:
+            command, directory, run = job[:3]
             print(f"  {run.name} …", flush=True)
-            code = execute_run(command, directory, run, evaluate)
+            code = execute_run(*job)
             print(
                 f"  {run.name}: {DONE if code == 0 else f'{FAILED} (exit {code}, see {directory}/fit.log)'}", flush=True
             )

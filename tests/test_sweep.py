@@ -272,3 +272,28 @@ def test_a_run_interrupted_while_evaluating_is_not_trained_again(tmp_path):
     assert execute_run(failing_fit, directory, run) == 0 and read_status(directory) == DONE
     write_run_json(directory, run, "running")  # interrupted during the fit: the fit runs again
     assert execute_run(failing_fit, directory, run) == 1 and read_status(directory) == "failed"
+
+
+def test_keep_checkpoints_false_deletes_a_done_runs_checkpoints_only(tmp_path):
+    """``keep_checkpoints: false``: once a run is done its ``checkpoints/`` goes (the report reads logs, evaluation
+    and policy); a failed run keeps them to resume from."""
+    from lit_align.sweep import RunSpec, execute_run
+
+    succeeding, failing = [sys.executable, "-c", "pass"], [sys.executable, "-c", "raise SystemExit(1)"]
+    for name, command, keep, kept in [
+        ("done_deleted", succeeding, False, False),
+        ("failed_kept", failing, False, True),
+        ("done_kept", succeeding, True, True),
+    ]:
+        directory = tmp_path / name
+        (directory / "checkpoints").mkdir(parents=True)
+        (directory / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        (directory / "policy").mkdir()
+        execute_run(command, directory, RunSpec(name, {}, 0), keep_checkpoints=keep)
+        assert (directory / "checkpoints" / "last.ckpt").exists() == kept, name
+        assert (directory / "policy").is_dir()
+    config = {"config": str(write(tmp_path / "base.yaml", "seed_everything: 0\n"))}
+    assert Sweep.from_dict({**config, "keep_checkpoints": False}).keep_checkpoints is False
+    assert Sweep.from_dict(config).keep_checkpoints is True
+    with pytest.raises(ValueError, match="'keep_checkpoints' must be true or false, got 'no'"):
+        Sweep.from_dict({**config, "keep_checkpoints": "no"})
