@@ -8,7 +8,7 @@ Pareto front lies above and to the left of another's. This module turns a sweep 
 A sweep directory (written by ``lit_align.sweep``) holds one directory per run::
 
     runs/<run>/run.json            {"name", "method", "knobs": {dotted override key: value}, "seed", "status", "wall_s"}
-    runs/<run>/logs/**/metrics.csv CSVLogger output: "step", "epoch" and one sparse column per metric
+    runs/<run>/**/metrics.csv      CSVLogger output: "step", "epoch" and one sparse column per metric
     runs/<run>/evaluation.json     optional final scores {"metric": number} from ``lit-align evaluate``
 
 ``frontier_report(sweep_dir)`` reads every run (``collect_runs``), writes one row per run (``frontier.csv``) and
@@ -161,10 +161,9 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def _read_trajectory(run_dir: Path) -> dict[str, dict[int, float]]:
-    """Every ``metrics.csv`` under ``logs/`` merged in version order: a resumed run's later version wins at a step
-    both logged."""
-    logs = run_dir / "logs"
-    files = sorted(logs.rglob("metrics.csv"), key=lambda path: _natural_key(path.relative_to(logs)))
+    """Every ``metrics.csv`` in the run's directory (``logs/``, or wherever a config's own logger name put it)
+    merged in version order: a resumed run's later version wins at a step both logged."""
+    files = sorted(run_dir.rglob("metrics.csv"), key=lambda path: _natural_key(path.relative_to(run_dir)))
     trajectory: dict[str, dict[int, float]] = {}
     for path in files:
         for column, values in read_all_metric_columns(path).items():
@@ -191,7 +190,7 @@ def collect_runs(sweep_dir: str | os.PathLike[str]) -> list[RunRecord]:
         info = _read_run_json(run_dir / "run.json")
         trajectory = _read_trajectory(run_dir)
         if not trajectory and info["status"] == "done":
-            warnings.warn(f"{run_dir}: run {info['name']!r} is done but has no logs/**/metrics.csv", stacklevel=2)
+            warnings.warn(f"{run_dir}: run {info['name']!r} is done but has no metrics.csv", stacklevel=2)
         final = {column: values[max(values)] for column, values in trajectory.items() if values}
         if (run_dir / "evaluation.json").is_file():
             final.update(_read_evaluation(run_dir / "evaluation.json"))

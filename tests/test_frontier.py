@@ -258,6 +258,15 @@ def test_collect_runs_orders_versions_numerically(tmp_path):
     assert run.trajectory[REWARD] == {5: 2.0, 6: 1.5}  # version_10 is the later one, not version_2
 
 
+def test_collect_runs_finds_metrics_of_a_logger_the_config_renamed(tmp_path):
+    """A method's config may name its own CSVLogger (``trainer.logger.init_args.name``): the run's metrics are still
+    its metrics."""
+    run_dir = write_run(tmp_path, "r", "ppo", {}, 0, [])
+    write_metrics(run_dir / "controlled_science_ppo" / "version_0" / "metrics.csv", logged(3, reward=0.5))
+    (run,) = collect_runs(tmp_path)
+    assert run.trajectory[REWARD] == {3: 0.5} and run.final[REWARD] == 0.5
+
+
 @pytest.mark.parametrize(
     "text, field",
     [
