@@ -508,6 +508,14 @@ class AlignmentModule(L.LightningModule):
             metric.update(*args)
             self.log(log_name, metric, on_step=False, on_epoch=True, batch_size=batch_size, prog_bar=prog_bar)
 
+    def log_this_step_only(self, values: dict[str, Tensor]) -> None:
+        """Write a diagnostic measured on this step alone (e.g. every N steps) to the loggers at this step, from
+        rank 0. Not through ``self.log``: Lightning keeps an on-step value and logs it again at every later step
+        of the epoch, so a metric measured at steps 0 and 10 would read as measured at every step."""
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics({name: float(value) for name, value in values.items()}, step=self.global_step)
+
     def log_optimizer_state(self) -> None:
         """TRL's ``grad_norm`` (the total gradient norm before clipping) and ``learning_rate`` of this step."""
         grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]

@@ -26,8 +26,8 @@ running mean; the proposal check's effective sample size is over every rank's wi
 the loss is each rank's batch mean (DDP/FSDP average equal-size batches, which is the global mean); the
 proposal check averages the ranks' importance-sampled KL estimates (equal sample counts: the global estimate) so
 every rank takes the same q ← π decision; λ of a distributional target is fitted on the samples of all ranks;
-``dpg/advantage_std`` is the global std. ``dpg/grad_variance`` is per rank (a diagnostic). Diversity metrics
-are means of per-rank batch scores.
+``dpg/advantage_std`` is the global std. ``dpg/grad_variance`` is rank 0's (a diagnostic, written only at the steps
+it is measured). Diversity metrics are means of per-rank batch scores.
 """
 
 from __future__ import annotations
@@ -94,7 +94,6 @@ class DistributionMatchingModule(AlignmentModule):
         "dpg/kl_p_pi",
         "dpg/kl_p_q",
         "dpg/tvd_p_pi",
-        "dpg/grad_variance",
         "dpg/proposal_kl_to_init",
         "drift/kl_to_init",
         "completions/mean_length",
@@ -248,12 +247,11 @@ class DistributionMatchingModule(AlignmentModule):
             stats["dpg/kl_p_pi"] = importance_kl(log_target, log_q, log_pi.detach(), log_z).float().reshape(1)
             stats["dpg/kl_p_q"] = importance_kl(log_target, log_q, log_q, log_z).float().reshape(1)
             stats["dpg/tvd_p_pi"] = importance_tvd(log_target, log_q, log_pi.detach(), log_z).float().reshape(1)
+        self.log_values("train", stats, batch_size=len(completions))
         every = self.hparams.grad_variance_every
         if every and self.global_step % every == 0:
-            stats["dpg/grad_variance"] = self.gradient_variance(
-                sequences, attention_mask, width, response_mask, log_target, log_q
-            ).reshape(1)
-        self.log_values("train", stats, batch_size=len(completions))
+            variance = self.gradient_variance(sequences, attention_mask, width, response_mask, log_target, log_q)
+            self.log_this_step_only({"dpg/grad_variance": variance})
         return loss
 
     def global_std(self, values: Tensor) -> Tensor:

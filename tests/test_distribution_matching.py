@@ -519,3 +519,21 @@ def test_the_cli_keeps_the_targets_config_so_a_checkpoint_rebuilds_it(monkeypatc
     rebuilt = instantiate_module(DistributionMatchingModule, hparams)
     assert isinstance(rebuilt.target, PointwiseConstraint) and rebuilt.target.feature_names == ["science"]
     assert "target" not in DistributionMatchingModule(model="tiny-llama", target=rebuilt.target).hparams
+
+
+def test_the_gradient_variance_is_logged_only_at_the_steps_it_is_measured(toy_lm, tmp_path):
+    """``grad_variance_every: 2`` over 4 steps: metrics.csv holds it at steps 0 and 2 only (through ``self.log``,
+    Lightning would repeat the last value at every step until the epoch ends)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    module = towards_amazing(toy_lm, grad_variance_every=2)
+    logger = CSVLogger(tmp_path, name="dm")
+    fit(module, toy_data(num_train=64, batch_size=16), max_steps=4, logger=logger, log_every_n_steps=1)
+    with open(f"{logger.log_dir}/metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    measured = {int(row["step"]): float(row["dpg/grad_variance"]) for row in rows if row["dpg/grad_variance"]}
+    assert sorted(measured) == [0, 2] and all(value > 0 for value in measured.values())
+    assert {int(row["step"]) for row in rows if row["loss"]} == {0, 1, 2, 3}
