@@ -71,6 +71,7 @@ def test_counting_against_a_model_whose_answer_is_known():
     assert tuple(map(sum, zip(*shares, strict=True))) == (positives, 120)
 
 
+@pytest.mark.slow  # the embedded model on 100 sentences × 16 shots: about a minute and a half alone
 @needs_sst2
 def test_the_embedded_model_is_above_chance():
     """SmolLM2-135M-Instruct with the default 16 shots on 100 dev sentences (measured: 83 correct); a coin scores
