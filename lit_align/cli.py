@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from jsonargparse import Namespace
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.pytorch import Trainer
@@ -113,10 +112,8 @@ class AlignCLI(LightningCLI):
         its hyperparameters) back into them, so this run's checkpoints rebuild those objects on their own."""
         if not isinstance(self.model, AlignmentModule) or not self.model.object_arguments:
             return
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        parser = self._parser(self.subcommand)
-        dumped = yaml.safe_load(parser.dump(config, skip_link_targets=False, skip_none=False, format="yaml"))
-        given = (dumped.get("model") or {}).get("init_args") or {}
+        self._dump_config()  # LightningCLI's own plain-data dump of this subcommand's config (its instantiator's too)
+        given = (self.config_dump.get("model") or {}).get("init_args") or {}
         for name in self.model.object_arguments:
             if name in given:
                 self.model.hparams[name] = given[name]

@@ -277,8 +277,9 @@ def fit_command(configs: Sequence[Path], directory: Path, resume: bool = True) -
 
 def training_is_complete(checkpoint: Path, directory: Path) -> bool:
     """Whether ``checkpoint`` is at the ``trainer.max_steps`` of the run's own saved ``config.yaml`` (the newest
-    ``logs/version_*``); False when either is unknown (an epoch-bounded run resumes and the fit decides)."""
-    import torch
+    ``logs/version_*``); False when either is unknown or the checkpoint is unreadable (the run resumes and the fit
+    decides, or names the bad file)."""
+    from lit_align.cli import CheckpointPathError, read_checkpoint
 
     configs = sorted(directory.glob("logs/version_*/config.yaml"), key=lambda path: path.stat().st_mtime)
     if not configs:
@@ -287,7 +288,10 @@ def training_is_complete(checkpoint: Path, directory: Path) -> bool:
     max_steps = trainer.get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
         return False
-    step = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    try:
+        step = read_checkpoint(checkpoint).get("global_step")
+    except CheckpointPathError:
+        return False
     return isinstance(step, int) and step >= max_steps
 
 
@@ -430,7 +434,7 @@ def run_locally(jobs: list[tuple], parallel: int) -> None:
     """Up to ``parallel`` fits at a time as child processes; each child's own threads share the machine."""
     if parallel == 1:
         for job in jobs:
-            command, directory, run = job[:3]
+            _, directory, run = job[:3]
             print(f"  {run.name} …", flush=True)
             code = execute_run(*job)
             print(
