@@ -174,7 +174,7 @@ def test_entanglement_monitor_under_ddp_and_fsdp2_matches_one_process(tmp_path, 
             assert two["condition_failed"] == one["condition_failed"], (strategy, one["step"])
 
 
-MODULES = ("sft", "dpo", "kto", "ppo", "rloo", "dm")
+MODULES = ("sft", "dpo", "kto", "ppo", "rloo", "grpo", "dm")
 
 
 def write_one_prompt_pairs(directory: Path) -> Path:

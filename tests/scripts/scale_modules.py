@@ -1,5 +1,5 @@
-"""SFT, DPO, KTO, PPO (GAE), RLOO and distribution matching for two optimizer steps on one process, under DDP or under
-FSDP2, with or without LoRA; rank 0 writes each module's synced epoch metrics and its full final weights to
+"""SFT, DPO, KTO, PPO (GAE), RLOO, GRPO and distribution matching for two optimizer steps on one process, under DDP
+or under FSDP2, with or without LoRA; rank 0 writes each module's synced epoch metrics and its full final weights to
 OUT_DIR/<module>-<strategy>[-lora]-<world size>.{json,pt}. Under FSDP2 each module is also resumed from the
 sharded checkpoint of step 1 (``...-resumed-...``).
 
@@ -12,7 +12,8 @@ rank's batch) give the same z_ref on any number of ranks.
 
 Sampling: each completion is drawn with its own seed (step, dataset row, sample number) by the real policy, one
 row at a time (``RowSeededSampling``), so one process and two processes sample the same completions and the
-comparison tests the distributed training math. Sharded generation itself goes through the module's own
+comparison tests the distributed training math; each completion is cut to a length of its own ending in EOS
+(``end_early``), so ranks hold different numbers of tokens. Sharded generation itself goes through the module's own
 ``generate_responses`` (synced forward calls, weights gathered once per call).
 """
 
@@ -27,11 +28,21 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from lit_align import DistributionMatchingModule, DPOModule, KTOModule, PPOModule, SFTModule
+from lit_align import DistributionMatchingModule, DPOModule, GRPOModule, KTOModule, PPOModule, SFTModule
 from lit_align.ebm import KLControlTarget
 from lit_align.rewards import LexiconSentimentReward
 
 PAIRS = 4  # rows of the data file; one epoch = one global batch
+
+
+def end_early(response: torch.Tensor, seed: int, eos_token_id: int) -> torch.Tensor:
+    """The response cut to a length of 2 or more that varies with the seed, ending in EOS. The random tiny-llama
+    never samples EOS, so every response would fill max_new_tokens, every rank would hold the same number of tokens,
+    and a loss normalised by one rank's tokens instead of the global count would still match one process."""
+    if len(response) <= 2:
+        return response
+    length = 2 + int(torch.randint(len(response) - 1, (1,), generator=torch.Generator().manual_seed(seed)))
+    return torch.cat([response[: length - 1], response.new_tensor([eos_token_id])])
 
 
 class RowSeededSampling:
@@ -43,11 +54,13 @@ class RowSeededSampling:
         responses = []
         for i in range(prompt_ids.shape[0]):
             keep = prompt_mask[i].bool()
-            torch.manual_seed(10_000 * self.global_step + 100 * rows[i // per_row] + i % per_row)
+            seed = 10_000 * self.global_step + 100 * rows[i // per_row] + i % per_row
+            torch.manual_seed(seed)
             sequence, _, response_mask = super().generate_responses(
                 model, prompt_ids[i : i + 1, keep], prompt_mask[i : i + 1, keep], sampling
             )
-            responses.append(sequence[0, int(keep.sum()) :][: int(response_mask.sum())])
+            response = sequence[0, int(keep.sum()) :][: int(response_mask.sum())]
+            responses.append(end_early(response, seed, self.tokenizer.eos_token_id))
         width = max(len(r) for r in responses)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         padded = torch.full((len(responses), width), pad, dtype=prompt_ids.dtype, device=prompt_ids.device)
@@ -59,6 +72,10 @@ class RowSeededSampling:
 
 
 class SeededPPO(RowSeededSampling, PPOModule):
+    pass
+
+
+class SeededGRPO(RowSeededSampling, GRPOModule):
     pass
 
 
@@ -84,6 +101,9 @@ def make_module(name: str, lora: bool) -> tuple[L.LightningModule, str, int]:
     if name == "rloo":
         return SeededPPO(LexiconSentimentReward(), advantage_estimator="rloo", samples_per_prompt=2, ppo_epochs=2,
                          **sampling, **common), "prompt", PAIRS  # fmt: skip
+    if name == "grpo":  # μ = 2 iterations: the second update's ratio is not 1, so the clipped surrogate is exercised
+        grpo = SeededGRPO(LexiconSentimentReward(), num_generations=2, num_iterations=2, **sampling, **common)
+        return grpo, "prompt", PAIRS
     if name == "dm":
         target = KLControlTarget(LexiconSentimentReward(), beta=0.5)
         return (
@@ -115,7 +135,7 @@ if __name__ == "__main__":
     out_dir, data_dir, strategy = sys.argv[1:4]
     lora = len(sys.argv) > 4 and sys.argv[4] == "lora"
     out = Path(out_dir)
-    for name in sys.argv[5].split(",") if len(sys.argv) > 5 else ("sft", "dpo", "kto", "ppo", "rloo", "dm"):
+    for name in sys.argv[5].split(",") if len(sys.argv) > 5 else ("sft", "dpo", "kto", "ppo", "rloo", "grpo", "dm"):
         tag = f"{name}-{strategy}{'-lora' if lora else ''}-{WORLD_SIZE}"
         per_batch = make_module(name, lora)[0].optimizer_steps_per_batch()  # PPO: ppo_epochs optimizer steps
         checkpoints = ModelCheckpoint(dirpath=out / f"{tag}-ckpt", every_n_train_steps=per_batch, save_top_k=-1)
