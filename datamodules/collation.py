@@ -44,6 +44,7 @@ from datamodules.keys import (
     COMPLETION,
     COMPLETION_MASK,
     DATA_MODES,
+    EXTRA_COLUMNS,
     INDEX,
     INPUT_IDS,
     KL_ATTENTION_MASK,
@@ -53,6 +54,7 @@ from datamodules.keys import (
     PROMPT,
     PROMPT_ATTENTION_MASK,
     PROMPT_INPUT_IDS,
+    PROMPT_MESSAGES,
     REFERENCE,
     REJECTED,
     REJECTED_ATTENTION_MASK,
@@ -290,6 +292,10 @@ class Collator:
             for key in items[0]:
                 if key.startswith(REFERENCE + "_") and all(isinstance(it.get(key), str) for it in items):
                     batch[key] = [it[key] for it in items]
+            if all(PROMPT_MESSAGES in it for it in items):
+                batch[PROMPT_MESSAGES] = [it[PROMPT_MESSAGES] for it in items]
+            for key in items[0].get(EXTRA_COLUMNS, {}):  # your own data's other columns, for reward functions
+                batch[key] = [it.get(EXTRA_COLUMNS, {}).get(key) for it in items]
         elif self.mode == "pair":
             chosen, rejected = [it["chosen_ids"] for it in items], [it["rejected_ids"] for it in items]
             width = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected, strict=True))

@@ -48,6 +48,9 @@ REJECTED = "rejected"
 COMPLETION = "completion"
 REFERENCE = "reference"
 TEXT = "text"
+# Prompt-mode records of your own data (``TRLFormatDataModule``) may also carry, and batches then hold:
+PROMPT_MESSAGES = "prompt_messages"  # a conversational prompt's {role, content} messages (TRL passes these)
+EXTRA_COLUMNS = "extra_columns"  # a record's other columns ({name: value}); a batch holds each as a list by its name
 
 # ---- data modes and split roles ------------------------------------------------------------------------
 DATA_MODES = ("prompt", "pair", "unpaired", "text")
@@ -62,6 +65,7 @@ __all__ = [
     "COMPLETION",
     "COMPLETION_MASK",
     "DATA_MODES",
+    "EXTRA_COLUMNS",
     "INDEX",
     "INPUT_IDS",
     "KL_ATTENTION_MASK",
@@ -71,6 +75,7 @@ __all__ = [
     "PROMPT",
     "PROMPT_ATTENTION_MASK",
     "PROMPT_INPUT_IDS",
+    "PROMPT_MESSAGES",
     "REFERENCE",
     "REJECTED",
     "REJECTED_ATTENTION_MASK",

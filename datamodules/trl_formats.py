@@ -26,8 +26,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import datamodules.keys as batch_keys
 from datamodules.base import BenchmarkDataModule
-from datamodules.keys import CHOSEN, COMPLETION, LABEL, PROMPT, REJECTED, TEXT
+from datamodules.keys import CHOSEN, COMPLETION, EXTRA_COLUMNS, LABEL, PROMPT, PROMPT_MESSAGES, REJECTED, TEXT
 from datamodules.readers import DataValidationError, RawRow, read_hub, read_json_file
 
 MESSAGES = "messages"
@@ -41,6 +42,11 @@ FORMATS: dict[frozenset[str], tuple[str, str]] = {
     frozenset({PROMPT, COMPLETION, LABEL}): ("unpaired preference", "unpaired"),
 }
 KNOWN_COLUMNS = frozenset().union(*FORMATS)
+# names a prompt batch (or TRL's reward-function call) already uses: another column by one of them is refused
+RESERVED_NAMES = frozenset(
+    {getattr(batch_keys, name) for name in batch_keys.__all__ if isinstance(getattr(batch_keys, name), str)}
+    | {"prompts", "completions", "completion_ids"}
+)
 ACCEPTED = "; ".join(f"{name}: {', '.join(sorted(columns))}" for columns, (name, _) in FORMATS.items())
 
 
@@ -163,13 +169,29 @@ class TRLFormatDataModule(BenchmarkDataModule):
             row = {**row, **self.implicit_prompt(row[CHOSEN], row[REJECTED], where)}
         prompt = row[PROMPT]
         if mode == "prompt":
-            return {PROMPT: self.render_prompt(prompt, where)}
+            return self.prompt_record(prompt, row, where)
         if mode == "pair":
-            chosen = self.prompt_and_completion(prompt, row[CHOSEN], where)
-            rejected = self.prompt_and_completion(prompt, row[REJECTED], where)
+            chosen = self.prompt_and_completion(prompt, row[CHOSEN], where, CHOSEN)
+            rejected = self.prompt_and_completion(prompt, row[REJECTED], where, REJECTED)
             return {PROMPT: chosen[PROMPT], CHOSEN: chosen[COMPLETION], REJECTED: rejected[COMPLETION]}
         record = self.prompt_and_completion(prompt, row[COMPLETION], where)
         return {**record, LABEL: row[LABEL]} if mode == "unpaired" else record
+
+    def prompt_record(self, prompt: Any, row: dict, where: str) -> dict:
+        """A prompt-only row as GRPO's reward functions see it in TRL: the rendered prompt, the conversational
+        prompt's messages (``PROMPT_MESSAGES``), and every other column of the row (``EXTRA_COLUMNS``, passed to
+        reward functions by name, e.g. a ``solution`` to check answers against)."""
+        record: dict[str, Any] = {PROMPT: self.render_prompt(prompt, where)}
+        if not isinstance(prompt, str):
+            record[PROMPT_MESSAGES] = self.with_system(self.messages(prompt, PROMPT, where))
+        extras = {key: value for key, value in row.items() if key not in KNOWN_COLUMNS}
+        if clashes := sorted(set(extras) & RESERVED_NAMES):
+            raise DataValidationError(
+                f"{where}: column '{clashes[0]}' has a name the batch uses for its own; rename it in your data"
+            )
+        if extras:
+            record[EXTRA_COLUMNS] = extras
+        return record
 
     @staticmethod
     def messages(value: Any, field: str, where: str) -> list[dict]:
@@ -185,6 +207,8 @@ class TRLFormatDataModule(BenchmarkDataModule):
         """The shared start of ``chosen`` and ``rejected`` as the prompt (whole messages when conversational; for
         strings a space before the point where they differ stays with the completions)."""
         if isinstance(chosen, list) and isinstance(rejected, list):
+            chosen = TRLFormatDataModule.messages(chosen, CHOSEN, where)  # errors name chosen[i], not the split
+            rejected = TRLFormatDataModule.messages(rejected, REJECTED, where)
             shared = 0
             while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
                 shared += 1
@@ -192,7 +216,10 @@ class TRLFormatDataModule(BenchmarkDataModule):
                 raise DataValidationError(f"{where}: 'chosen' and 'rejected' share no prompt messages")
             return {PROMPT: chosen[:shared], CHOSEN: chosen[shared:], REJECTED: rejected[shared:]}
         if not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise DataValidationError(f"{where}: 'chosen' and 'rejected' must both be strings or both messages")
+            raise DataValidationError(
+                f"{where}: fields 'chosen' and 'rejected' must both be strings or both lists of messages, got "
+                f"{type(chosen).__name__} and {type(rejected).__name__}"
+            )
         shared = len(os.path.commonprefix([chosen, rejected]))
         if shared and chosen[shared - 1] == " ":
             shared -= 1
@@ -230,16 +257,19 @@ class TRLFormatDataModule(BenchmarkDataModule):
             return self.standard(prompt, where)
         return self.apply_template(self.with_system(self.messages(prompt, PROMPT, where)), add_generation_prompt=True)
 
-    def prompt_and_completion(self, prompt: Any, completion: Any, where: str) -> dict:
+    def prompt_and_completion(self, prompt: Any, completion: Any, where: str, field: str = COMPLETION) -> dict:
         """``{prompt, completion}`` strings; conversational: the templated prompt with the generation prompt, and
         exactly the text the template adds for the completion's messages, without its final end-of-turn token
-        (the collator appends the tokenizer's EOS)."""
+        (the collator appends the tokenizer's EOS). ``field``: the completion's column (``chosen``...), for errors."""
         if isinstance(prompt, str) and isinstance(completion, str):
             return {PROMPT: self.standard(prompt, where), COMPLETION: completion}
-        if isinstance(prompt, str) or isinstance(completion, str):
-            raise DataValidationError(f"{where}: prompt and completion must both be strings or both messages")
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise DataValidationError(
+                f"{where}: fields 'prompt' and '{field}' must both be strings or both lists of messages, got "
+                f"{type(prompt).__name__} and {type(completion).__name__}"
+            )
         context = self.with_system(self.messages(prompt, PROMPT, where))
-        answer = self.messages(completion, COMPLETION, where)
+        answer = self.messages(completion, field, where)
         prompt_text = self.apply_template(context, add_generation_prompt=True)
         full = self.apply_template(context + answer, add_generation_prompt=False)
         if not full.startswith(prompt_text):

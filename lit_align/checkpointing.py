@@ -7,12 +7,16 @@
   and how often a run validates never changes what it trains on.
 * Checkpoint size (``rebuildable_state_keys``): the frozen reference, and under LoRA the policy's frozen base weights,
   are rebuilt from their source by ``configure_model``; checkpoints leave them out.
+* Optimizer settings (``apply_configured_optimizer_settings``): Lightning loads the checkpoint's optimizer and
+  scheduler states over the configured ones, so a resumed run would keep the old learning rate, weight decay,
+  betas and schedule whatever the command line says; the configured ones are put back (moments and step count kept).
 * Pre-emption (``SignalStop``): SIGINT (Ctrl-C) or SIGTERM (a cluster's pre-emption) during training stops the run
   after the current step, with a checkpoint; a second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
@@ -123,13 +127,55 @@ class SignalStop:
         )
 
 
+def apply_configured_optimizer_settings(trainer: L.Trainer, module: L.LightningModule) -> list[str]:
+    """After a resume, make the optimizer and schedule the configured ones again; returns what changed.
+
+    Lightning restores each optimizer's ``param_groups`` (``lr``, ``initial_lr``, ``weight_decay``, ``betas``,
+    ``eps``) and each ``LambdaLR``'s ``base_lrs`` from the checkpoint, over what ``configure_optimizers`` built from
+    the command line. This builds the configured optimizer and schedule once more (a throw-away copy on the same
+    parameters), copies their hyperparameters and lambdas (warm-up and total steps) into the restored ones, and sets
+    the current learning rate to the configured schedule at the restored step; Adam's moments and the scheduler's
+    step count stay the checkpoint's. With unchanged settings nothing changes (the resume stays exact).
+    """
+    if not trainer.lr_scheduler_configs and not trainer.optimizers:
+        return []
+    configured = module.configure_optimizers()
+    fresh_optimizer = configured["optimizer"]
+    fresh_scheduler = configured["lr_scheduler"]["scheduler"]
+    optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
+    if len(optimizer.param_groups) != len(fresh_optimizer.param_groups):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(optimizer.param_groups)} parameter groups, the configured one "
+            f"{len(fresh_optimizer.param_groups)}: the trainable parameters changed (LoRA settings?); start a new run"
+        )
+    changed = []
+    for index, (group, fresh) in enumerate(zip(optimizer.param_groups, fresh_optimizer.param_groups, strict=True)):
+        for key, value in fresh.items():
+            if key in ("params", "lr"):
+                continue
+            if group.get(key) != value:
+                changed.append(f"group {index} {key}: {group.get(key)} -> {value}")
+                group[key] = value
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs = list(fresh_scheduler.base_lrs)
+        scheduler.lr_lambdas = fresh_scheduler.lr_lambdas
+        current = [base * schedule(scheduler.last_epoch) for base, schedule in zip(
+            scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]  # fmt: skip
+        for index, (group, lr) in enumerate(zip(optimizer.param_groups, current, strict=True)):
+            if not math.isclose(group["lr"], lr, rel_tol=1e-9, abs_tol=1e-15):
+                changed.append(f"group {index} lr at step {scheduler.last_epoch}: {group['lr']:.3g} -> {lr:.3g}")
+            group["lr"] = lr
+        scheduler._last_lr = current
+    return changed
+
+
 class FitGuard(Callback):
     """Added to every fit by ``AlignmentModule.configure_callbacks``: stops on SIGINT/SIGTERM with a checkpoint
     (``SignalStop``) and notices a fit that made no optimizer step.
 
     On a signal, after the step in progress every rank saves ``last.ckpt`` in the ModelCheckpoint directory (or
     ``<log dir>/checkpoints``) and the trainer stops; ``on_fit_end`` then exports as usual and the CLI exits with
-    128 + the signal number. A fit that made no optimizer step (batch larger than the train set, ``max_steps`` 0,
+    128 + the signal number. A fit that made no optimizer step (a KTO batch larger than the train set, ``max_steps`` 0,
     resumed at or past ``max_steps``) warns, sets ``module.made_no_step`` so nothing is exported, and the CLI exits 1.
     """
 
@@ -145,6 +191,10 @@ class FitGuard(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.first_step = trainer.global_step  # after a resume: the restored step
+        if trainer.ckpt_path is not None and hasattr(pl_module, "total_optimizer_steps"):
+            changed = apply_configured_optimizer_settings(trainer, pl_module)
+            if changed:
+                rank_zero_info("resumed with the configured optimizer settings: " + "; ".join(changed))
         self.signal_stop.install()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

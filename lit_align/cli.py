@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.base import BenchmarkDataModule
+from datamodules.readers import DataValidationError
 from lit_align.base import AlignmentModule
 from lit_align.precision import AUTO, fastest_precision
 
@@ -254,6 +255,11 @@ def export_command(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # `python -m lit_align.cli` can import a reward function or class from a file in the working directory
+    # (`reward_funcs: [my_rewards.accuracy]`); the `lit-align` script alone could not. Appended, not prepended: a file
+    # there never shadows an installed package.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     words = sys.argv[1:] if args is None else args
     defaults = [str(TRAINER_DEFAULTS_FILE)] if TRAINER_DEFAULTS_FILE.is_file() else []
     try:
@@ -273,7 +279,7 @@ def main(args: list[str] | None = None) -> None:
             soup_main(words[1:])
         else:
             run_cli(defaults, args)
-    except CLIError as err:
+    except (CLIError, DataValidationError) as err:  # bad options or data: the message names them; no traceback
         print(f"lit-align: error: {err}", file=sys.stderr)
         sys.exit(2)
 

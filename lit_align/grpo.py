@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from datamodules.keys import PROMPT
+from datamodules.keys import PROMPT, PROMPT_MESSAGES
 from lit_align.base import AlignmentModule
 from lit_align.generation import Completions, SamplingSettings
 from lit_align.losses import kl_penalty, masked_mean
@@ -162,9 +162,11 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
 
     Args:
         reward_funcs: reward functions, summed: TRL's signature ``f(prompts=..., completions=..., **columns) ->
-            list[float | None]`` (``columns``: the batch's string columns such as ``reference``, repeated per
-            completion, and ``completion_ids``), or the library's reward modules (:mod:`lit_align.rewards`, called as
-            ``reward(prompts, completions, batch)``). From YAML give an import path (``my_pkg.rewards.length``) or
+            list[float | None]`` (``columns``: the batch's string columns such as ``reference``, or your own
+            data's other columns, repeated per completion, and ``completion_ids``; conversational data gives
+            ``prompts`` as message lists and each completion as ``[{"role": "assistant", "content": ...}]``), or
+            the library's reward modules (:mod:`lit_align.rewards`, called as ``reward(prompts, completions,
+            batch)``). From YAML give an import path (``my_pkg.rewards.length``) or
             a ``class_path`` object per item.
         reward_weights: one weight per reward function (default 1 each).
         beta: β, the coefficient of the k3 KL term in the loss (paper: 0.04; TRL: 0). β = 0 drops the term and the
@@ -377,11 +379,13 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
     def score(self, sample: Completions) -> Tensor:
         """``[N, F]``: each reward function's score of each completion (NaN where a function returned None)."""
         width = sample.prompt_width
-        columns = {
-            key: value
-            for key, value in sample.batch.items()
-            if isinstance(value, list) and key not in (PROMPT, "prompts", "completions", "completion_ids")
-        }
+        passed_otherwise = (PROMPT, PROMPT_MESSAGES, "prompts", "completions", "completion_ids")
+        columns = {k: v for k, v in sample.batch.items() if isinstance(v, list) and k not in passed_otherwise}
+        # conversational data: TRL passes the prompt's messages and each completion as one assistant message
+        prompts, completions = sample.prompts, sample.completions
+        if PROMPT_MESSAGES in sample.batch:
+            prompts = sample.batch[PROMPT_MESSAGES]
+            completions = [[{"role": "assistant", "content": text}] for text in sample.completions]
         completion_ids = [
             row[mask.bool()].tolist()
             for row, mask in zip(sample.sequences[:, width:], sample.response_mask, strict=True)
@@ -391,9 +395,7 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
             if isinstance(func, RewardFunction):
                 values = func(sample.prompts, sample.completions, sample.batch)
             else:
-                values = func(
-                    prompts=sample.prompts, completions=sample.completions, completion_ids=completion_ids, **columns
-                )
+                values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
             # one number per completion, None (the function does not apply: TRL) becomes NaN; anything else raises
             column = check_reward_scores(values, func, sample.completions, sample.batch, allow_none=True, name=name)
             scores.append(column.cpu())

@@ -46,6 +46,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,7 +63,7 @@ SWEEP_KEYS = {
     "keep_checkpoints",
 }  # fmt: skip
 METHOD_KEYS = {"config", "set", "grid", "evaluate"}
-DONE, RUNNING, EVALUATING, FAILED = "done", "running", "evaluating", "failed"
+DONE, RUNNING, EVALUATING, FAILED, INTERRUPTED = "done", "running", "evaluating", "failed", "interrupted"
 
 
 @dataclass(frozen=True)
@@ -326,15 +327,54 @@ def execute_run(
     trained = read_status(directory) == EVALUATING  # the fit ended before an interruption: only evaluate again
     write_run_json(directory, run, EVALUATING if trained else RUNNING)
     with open(directory / "fit.log", "a", encoding="utf-8") as log:
-        code = 0 if trained else subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
-        if code == 0 and evaluate:
-            write_run_json(directory, run, EVALUATING)
-            code = evaluate_run(directory, evaluate, log)
+        try:
+            code = 0 if trained else run_to_the_end(command, log)
+            if code == 0 and evaluate:
+                write_run_json(directory, run, EVALUATING)
+                code = evaluate_run(directory, evaluate, log)
+        except SweepInterrupted as interrupt:
+            status = INTERRUPTED if read_status(directory) == RUNNING else read_status(directory)
+            write_run_json(
+                directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=interrupt.code
+            )
+            raise
     status = DONE if code == 0 else FAILED
     write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)
     if status == DONE and not keep_checkpoints:
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
     return code
+
+
+def run_to_the_end(command: list[str], log) -> int:
+    """Run ``command`` (output to ``log``) and return its exit code, also through a Ctrl-C.
+
+    A Ctrl-C in the terminal reaches the fit too (same process group); the fit stops after its current step with a
+    checkpoint (``FitGuard``), which ``subprocess.call`` would cut short by killing it a quarter-second later. So
+    the first interrupt waits for the child to end on its own and is raised again after it; a second one kills
+    it."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+    interrupts = 0
+    while True:
+        try:
+            code = process.wait()
+            break
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts == 1:
+                print("  interrupted: waiting for the run to save its checkpoint (Ctrl-C again to kill it)", flush=True)
+            else:
+                process.kill()
+    if interrupts:
+        raise SweepInterrupted(code)
+    return code
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """A Ctrl-C during a run, raised after that run's process ended (``code``: its exit status)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 def evaluate_run(directory: Path, evaluate: Sequence[Path], log) -> int:
@@ -346,7 +386,7 @@ def evaluate_run(directory: Path, evaluate: Sequence[Path], log) -> int:
     for config in evaluate:
         command += ["--config", str(Path(config).resolve())]
     command += ["--policies", str(directory / "policy"), "--out", str(rows_stem)]
-    code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+    code = run_to_the_end(command, log)
     if code != 0:
         return code
     policy_row = json.loads(rows_stem.with_suffix(".json").read_text(encoding="utf-8"))[-1]
@@ -445,8 +485,15 @@ def run_locally(jobs: list[tuple], parallel: int) -> None:
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         codes = pool.map(lambda job: (job[2].name, execute_run(*job)), jobs)
-        for name, code in codes:
-            print(f"  {name}: {DONE if code == 0 else f'{FAILED} (exit {code})'}", flush=True)
+        try:
+            for name, code in codes:
+                print(f"  {name}: {DONE if code == 0 else f'{FAILED} (exit {code})'}", flush=True)
+        except KeyboardInterrupt:  # in this thread; the running fits got the Ctrl-C too and are saving checkpoints
+            print(
+                "  interrupted: waiting for the running fits to save their checkpoints; no new run starts", flush=True
+            )
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def run_on_slurm(jobs: list[tuple], out: Path, parameters: dict[str, Any]) -> None:
@@ -488,7 +535,12 @@ def main(args: list[str] | None = None) -> None:
     for item in options.slurm:
         key, _, value = item.partition("=")
         slurm[key] = yaml.safe_load(value)
-    statuses = run_sweep(sweep, options.out, options.parallel, options.executor, slurm)
+    try:
+        statuses = run_sweep(sweep, options.out, options.parallel, options.executor, slurm)
+    except KeyboardInterrupt:
+        again = shlex.join(["lit-align", "sweep", *(sys.argv[1:] if args is None else args)])
+        print(f"lit-align sweep: interrupted; rerun the same command to resume: {again}", file=sys.stderr)
+        sys.exit(130)
     failed = [name for name, status in statuses.items() if status != DONE]
     if failed:
         print(f"lit-align sweep: {len(failed)} run(s) not done: {failed}", file=sys.stderr)

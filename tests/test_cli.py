@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -326,6 +327,7 @@ def test_ckpt_path_last_resumes_with_the_command_lines_settings(hh_dir, two_step
     first_export = (run_dir / "first" / "model.safetensors").stat().st_mtime_ns
     resumed = lit_align(
         "fit", *dpo_args(hh_dir, run_dir / "logs", "--trainer.max_steps", "3", "--model.init_args.beta", "0.2"),
+        "--model.init_args.learning_rate", "2e-5", "--model.init_args.weight_decay", "0.05",
         "--model.init_args.export_dir", str(run_dir / "second"), "--ckpt_path", "last", cwd=run_dir,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -336,6 +338,16 @@ def test_ckpt_path_last_resumes_with_the_command_lines_settings(hh_dir, two_step
     assert (run_dir / "first" / "model.safetensors").stat().st_mtime_ns == first_export
     checkpoint = torch.load(newest(run_dir / "logs", "last.ckpt"), weights_only=True, mmap=True)
     assert checkpoint["global_step"] == 3 and checkpoint["hyper_parameters"]["beta"] == 0.2
+    # The optimizer and schedule are the command line's too, not the ones Lightning restored from the checkpoint:
+    # step 3 of a cosine schedule with 1 warm-up step over 3 steps trains at 2e-5 * (1 + cos(pi/2)) / 2 = 1e-5 (the
+    # checkpoint's schedule, 5e-6 over 2 steps, had reached 0).
+    assert "resumed with the configured optimizer settings" in resumed.stderr
+    rows = list(csv.DictReader(newest(run_dir / "logs", "metrics.csv").open()))
+    rates = [float(row["learning_rate"]) for row in rows if row.get("learning_rate")]
+    assert rates == [pytest.approx(1e-5, rel=1e-6)], rates
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [2e-5, 2e-5] and [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == [2e-5, 2e-5]
 
 
 def newest(directory: Path, name: str) -> Path:

@@ -131,6 +131,25 @@ def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
     assert len(finished) == 1 and len(list((out / "runs").iterdir())) == 4, killed  # all prepared, one finished
     finished_log = (out / "runs" / finished[0] / "fit.log").read_text()
 
+    # Ctrl-C (SIGINT to the process group, as a terminal sends it) once the next run has saved step 1: the sweep waits
+    # for that fit to stop with a checkpoint instead of killing it, marks the run interrupted and exits 130.
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True, **pipes)
+    deadline = time.monotonic() + 300
+    started = []
+    while not started and second.poll() is None and time.monotonic() < deadline:
+        started = [p for p in (out / "runs").glob("*/checkpoints/*step=1.ckpt") if p.parts[-3] != finished[0]]
+        time.sleep(0.1)
+    os.killpg(second.pid, signal.SIGINT)
+    stdout, stderr = second.communicate(timeout=300)
+    again = f"rerun the same command to resume: lit-align sweep {sweep_file}"
+    assert second.returncode == 130 and again in stderr, stdout[-2000:] + stderr[-3000:]
+    interrupted = [name for name, status in statuses(out).items() if status == "interrupted"]
+    assert len(interrupted) == 1, statuses(out)
+    interrupted_log = (out / "runs" / interrupted[0] / "fit.log").read_text()
+    assert "stopped by SIGINT" in interrupted_log and "Traceback" not in interrupted_log, interrupted_log[-3000:]
+    assert (out / "runs" / interrupted[0] / "checkpoints" / "last.ckpt").is_file()
+
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "4 runs, 1 done, 3 to run" in result.stdout

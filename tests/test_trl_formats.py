@@ -5,6 +5,7 @@ exactly the assistant turn."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -60,6 +61,13 @@ FORMAT_NAMES = {
     "implicit": "preference (implicit prompt)",
     "unpaired": "unpaired preference",
 }
+
+
+def completion_length(prompts, completions, **columns) -> list[float]:
+    """A TRL-style reward: conversational completions come as ``[{"role": "assistant", "content": ...}]``."""
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) for c in completions]
+
+
 MODULES = {  # format → the module trained on it
     "text": lambda: SFTModule(model="tiny-llama", learning_rate=1e-3),
     "prompt-completion": lambda: SFTModule(model="tiny-llama", learning_rate=1e-3),
@@ -68,7 +76,7 @@ MODULES = {  # format → the module trained on it
     "unpaired": lambda: KTOModule(model="tiny-llama", learning_rate=1e-3),
     "prompt-only": lambda: GRPOModule(
         model="tiny-llama",
-        reward_funcs=[lambda prompts, completions, **kw: [float(len(c)) for c in completions]],
+        reward_funcs=[completion_length],
         num_generations=2,
         sampling={"max_new_tokens": 4},
         learning_rate=1e-3,
@@ -128,6 +136,15 @@ def test_column_mapping_and_bad_rows(tmp_path):
         "mixed formats": ([{"prompt": "a"}, {"prompt": "b", "completion": "c"}], "row 2: a prompt-completion row in"),
         "label not a bool": ([{"prompt": "a", "completion": "b", "label": "yes"}], "field 'label': expected a bool"),
         "system prompt on strings": ([{"prompt": "a", "completion": "b"}], "row 1: system_prompt is set but the rows"),
+        "chosen not text": (
+            [{"prompt": "q", "chosen": 42, "rejected": "no"}],
+            "row 1: fields 'prompt' and 'chosen' must both be strings or both lists of messages, got str and int",
+        ),
+        "bad message in an implicit pair": (  # named where it is in the row, not in the split-off completion
+            [{"chosen": user("q") + [{"role": "assistant", "text": "a"}], "rejected": user("q") + assistant("b")}],
+            r"row 1: field 'chosen\[1\]': expected \{role, content\}",
+        ),
+        "a column by a batch name": ([{"prompt": "q", "completions": "x"}], "row 1: column 'completions' has a name"),
     }
     for name, (bad_rows, message) in cases.items():
         path = str(write(tmp_path, bad_rows, f"{name}.jsonl"))
@@ -221,3 +238,67 @@ def test_the_readme_commands_for_each_format_train(tmp_path, monkeypatch):
     ]
     chat = prompts["my_chat_pairs.jsonl"]
     assert chat.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>"), chat
+
+
+PROBE_REWARDS = """
+import json, os
+
+def solved(prompts, completions, solution, completion_ids, **columns):
+    with open(os.environ["PROBE_OUT"], "a") as out:
+        out.write(json.dumps({"prompts": prompts, "completions": completions, "solution": solution,
+                              "others": sorted(columns)}) + "\\n")
+    return [float(solution[i] in completion[0]["content"]) for i, completion in enumerate(completions)]
+"""
+
+
+def test_grpo_reward_functions_get_your_columns_and_messages_as_trl_passes_them(tmp_path):
+    """A TRL-style reward function in a file of the working directory, named by import path on the `lit-align`
+    command line, gets the conversational prompts as messages, each completion as one assistant message, and the
+    data's own `solution` column aligned with its completion (TRL's GRPOTrainer contract)."""
+    import subprocess
+
+    (tmp_path / "probe_rewards.py").write_text(PROBE_REWARDS)
+    rows = [{"prompt": user(q), "solution": str(sum(int(w) for w in q[:-1].split() if w.isdigit()))} for q in QUESTIONS]
+    write(tmp_path, rows, "sums.jsonl")
+    command = [
+        "lit-align", "fit", "--config", str(REPO / "configs/imdb/grpo.yaml"),
+        "--data", "datamodules.TRLFormatDataModule", "--data.init_args.data_path", "sums.jsonl",
+        "--data.init_args.holdout", "2", "--data.init_args.batch_size", "2",
+        "--model.init_args.model", "tiny-llama", "--model.init_args.reward_funcs", "[probe_rewards.solved]",
+        "--model.init_args.num_generations", "2", "--model.init_args.sampling", "{max_new_tokens: 4}",
+        "--model.init_args.drift_texts", "0", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.precision", "32-true",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PROBE_OUT": str(tmp_path / "probe.jsonl")}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert len(calls) == 2  # one rollout per step
+    for call in calls:
+        assert len(call["prompts"]) == len(call["completions"]) == len(call["solution"]) == 4  # 2 prompts × G = 2
+        assert call["others"] == []
+        for prompt, completion, solution in zip(call["prompts"], call["completions"], call["solution"], strict=True):
+            assert prompt == user(prompt[-1]["content"])  # the row's messages (no system prompt was set)
+            a, b = (int(w) for w in prompt[-1]["content"][:-1].split() if w.isdigit())
+            assert solution == str(a + b)  # this completion's own row's column
+            assert len(completion) == 1 and completion[0]["role"] == "assistant"
+            assert isinstance(completion[0]["content"], str)
+        assert call["prompts"][0] == call["prompts"][1] != call["prompts"][2]  # a group's G samples share the prompt
+
+
+def test_bad_data_on_the_command_line_is_one_line_naming_file_row_and_field(tmp_path):
+    import subprocess
+
+    rows = [{"prompt": "q", "chosen": " yes", "rejected": " no"}, {"prompt": "q", "chosen": " yes"}]
+    path = write(tmp_path, rows, "pairs.jsonl")
+    command = [
+        "lit-align", "fit", "--config", str(REPO / "configs/hh/dpo.yaml"), "--data", "datamodules.TRLFormatDataModule",
+        "--data.init_args.data_path", str(path), "--data.init_args.holdout", "0",
+        "--model.init_args.model", "tiny-llama",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lit-align: error: {path}") and last.endswith("row 2: field 'rejected': missing (null)")
