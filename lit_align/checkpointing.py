@@ -137,9 +137,11 @@ def apply_configured_optimizer_settings(trainer: L.Trainer, module: L.LightningM
     the current learning rate to the configured schedule at the restored step; Adam's moments and the scheduler's
     step count stay the checkpoint's. With unchanged settings nothing changes (the resume stays exact).
     """
-    if not trainer.lr_scheduler_configs and not trainer.optimizers:
-        return []
+    if len(trainer.optimizers) != 1 or len(trainer.lr_scheduler_configs) != 1:
+        return []  # not AlignmentModule.configure_optimizers' one optimizer and one schedule: left as restored
     configured = module.configure_optimizers()
+    if not isinstance(configured, dict) or not isinstance(configured.get("lr_scheduler"), dict):
+        return []
     fresh_optimizer = configured["optimizer"]
     fresh_scheduler = configured["lr_scheduler"]["scheduler"]
     optimizer, scheduler = trainer.optimizers[0], trainer.lr_scheduler_configs[0].scheduler
