@@ -1,10 +1,11 @@
 """Train loaders that resume exactly: a per-epoch seeded order and a position saved in Lightning's checkpoints.
 
 Lightning saves ``state_dict()`` of every train DataLoader that has one in its checkpoints and hands it back through
-``load_state_dict`` before iterating again. ``ResumableDataLoader`` saves (epoch, batches consumed); the resumed
-iteration starts after those batches of the same epoch order, so no row is trained twice or skipped. The order of
-epoch ``e`` is a permutation seeded by ``seed + e`` (``DistributedSampler``'s rule, on one process too), so it does
-not depend on how many epochs the process has already iterated.
+``load_state_dict`` before iterating again. ``ResumableDataLoader`` saves (epoch, batches consumed, batch size,
+ranks); the resumed iteration starts after those rows of the same epoch order, so no row is trained twice or
+skipped (with another batch size or number of ranks, as nearly as whole batches allow, and a warning counts the
+rest). The order of epoch ``e`` is a permutation seeded by ``seed + e`` (``DistributedSampler``'s rule, on one
+process too), so it does not depend on how many epochs the process has already iterated.
 
 With ``lengths`` the sampler groups rows of similar length into the same batch (``length_grouped``), so less of
 each batch is padding; the grouping is a function of (seed, epoch) too, so it resumes the same way.
@@ -13,6 +14,7 @@ each batch is padding; the grouping is a function of (seed, epoch) too, so it re
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,26 +102,57 @@ class ResumableDataLoader(DataLoader):
         kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._yielded = 0
-        self._resume_at: tuple[int, int] | None = None
+        self._resume_at: dict[str, int] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         sampler: ResumableSampler = self.sampler
         skip = 0
         if self._resume_at is not None:
-            epoch, batches = self._resume_at
-            self._resume_at = None
-            if epoch == sampler.epoch and batches < len(self):
-                skip = batches
+            state, self._resume_at = self._resume_at, None
+            if state["epoch"] == sampler.epoch:
+                skip = self.batches_to_skip(state)
         sampler.start = skip * self.batch_size
         self._yielded = skip
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
 
+    def batches_to_skip(self, state: dict[str, int]) -> int:
+        """This loader's batches that cover the rows the checkpoint's loader consumed of the same epoch.
+
+        k batches of b rows on each of W ranks consumed exactly the first k·b·W rows of the epoch's order
+        (``DistributedSampler`` deals rows to ranks in turn). With another batch size or number of ranks the resume
+        skips the whole global batches that fit in them; the rest of those rows are trained again, and a warning
+        counts them. A length-grouped order is grouped by the global batch, so it changes with it (warned).
+        """
+        sampler: ResumableSampler = self.sampler
+        global_batch = self.batch_size * sampler.num_replicas
+        saved_batch = state.get("batch_size", self.batch_size) * state.get("ranks", sampler.num_replicas)
+        consumed = state["batches"] * saved_batch
+        skip = consumed // global_batch
+        if skip >= len(self):
+            return 0  # the epoch was finished: the next one starts from its first batch
+        if saved_batch != global_batch and consumed:
+            changed = f"resumed mid-epoch {sampler.epoch} with a global batch of {global_batch} rows, not {saved_batch}"
+            if sampler.lengths is not None:
+                warnings.warn(
+                    f"{changed}: the length-grouped order depends on it, so rows of this epoch may be trained twice or "
+                    "skipped",
+                    stacklevel=2,
+                )
+            elif again := consumed - skip * global_batch:
+                warnings.warn(f"{changed}: {again} rows the checkpoint had trained on are trained again", stacklevel=2)
+        return skip
+
     def state_dict(self) -> dict[str, int]:
         # Lightning fetches a sized loader's batches on demand (no look-ahead), so at a checkpoint every batch
         # yielded has been trained on
-        return {"epoch": self.sampler.epoch, "batches": self._yielded}
+        return {
+            "epoch": self.sampler.epoch,
+            "batches": self._yielded,
+            "batch_size": self.batch_size,
+            "ranks": self.sampler.num_replicas,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches"]))
+        self._resume_at = {key: int(value) for key, value in state_dict.items()}

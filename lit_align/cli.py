@@ -212,10 +212,10 @@ def find_last_checkpoint(config: Namespace) -> Path:
     """The newest ``last*.ckpt`` where this run's checkpoints go: ``--checkpoint.dirpath``, else every version of
     the logger's directory (``<save_dir>/<name>/version_*/checkpoints``; a new run gets a new version) or
     ``<default_root_dir>/checkpoints``."""
-    places = []
+    places: list[tuple[Path, str]] = []  # (directory, the pattern below it that holds checkpoints)
     dirpath = (config.get("checkpoint") or Namespace()).get("dirpath")
     if dirpath:
-        places.append(Path(dirpath))
+        places.append((Path(dirpath), ""))
     else:
         trainer = config.get("trainer") or Namespace()
         root = Path(trainer.get("default_root_dir") or ".")
@@ -225,15 +225,14 @@ def find_last_checkpoint(config: Namespace) -> Path:
             if isinstance(logger, Namespace):
                 args = logger.get("init_args") or Namespace()
                 save_dir = Path(args.get("save_dir") or root)
-                places.extend(sorted((save_dir / (args.get("name") or "lightning_logs")).glob("version_*/checkpoints")))
+                places.append((save_dir / (args.get("name") or "lightning_logs"), "version_*/checkpoints"))
             elif logger is not False and logger is not None:
-                places.extend(sorted((root / "lightning_logs").glob("version_*/checkpoints")))
-        places.append(root / "checkpoints")
-    found = [path for place in places for path in place.glob("last*.ckpt")]
+                places.append((root / "lightning_logs", "version_*/checkpoints"))
+        places.append((root / "checkpoints", ""))
+    found = [path for base, below in places for path in base.glob(f"{below}/last*.ckpt".lstrip("/"))]
     if not found:
-        raise CheckpointPathError(
-            "--ckpt_path last: no last.ckpt in " + ", ".join(str(place) for place in places) + "; give the path"
-        )
+        searched = ", ".join(str(base / below) if below else str(base) for base, below in places)
+        raise CheckpointPathError(f"--ckpt_path last: no last.ckpt in {searched}; give the path")
     return max(found, key=lambda path: path.stat().st_mtime)
 
 

@@ -367,7 +367,10 @@ def test_bad_ckpt_paths_are_refused_before_training(hh_dir, two_step_dpo_run, tm
         ),
         "a truncated file": ([*kto, "--ckpt_path", str(truncated)], f"--ckpt_path {truncated}: not a readable"),
         "a missing file": ([*kto, "--ckpt_path", "nope.ckpt"], "--ckpt_path nope.ckpt: no such checkpoint file"),
-        "last without a checkpoint": ([*kto, "--ckpt_path", "last"], "--ckpt_path last: no last.ckpt in"),
+        "last without a checkpoint": (  # names where it looked, the logger's versions included
+            [*kto, "--ckpt_path", "last"],
+            f"--ckpt_path last: no last.ckpt in {tmp_path / 'hh_kto' / 'version_*' / 'checkpoints'}, checkpoints;",
+        ),
     }
     for case, (args, message) in cases.items():
         result = lit_align("fit", *args, cwd=tmp_path)

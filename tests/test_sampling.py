@@ -128,3 +128,29 @@ def test_grouped_hh_batches_pad_less_and_resume_mid_epoch(hh_dir, tokenizer):
     restored.load_state_dict(state)
     assert [batch["index"].tolist() for batch in restored] == uninterrupted[7:]
     assert sorted(i for batch in uninterrupted for i in batch) == list(range(200))
+
+
+def loader_over(n: int, batch_size: int, lengths=None):
+    from datamodules.sampling import ResumableDataLoader
+
+    sampler = ResumableSampler(Rows(n), num_replicas=1, rank=0, shuffle=True, seed=7, lengths=lengths, batch_size=4)
+    return ResumableDataLoader(Rows(n), sampler, batch_size=batch_size)
+
+
+def test_a_resume_with_another_batch_size_skips_the_rows_already_trained_and_counts_the_rest(recwarn):
+    first = loader_over(24, 4)
+    iterator = iter(first)
+    trained = [int(i) for _ in range(3) for i in next(iterator)]  # 3 batches: the first 12 rows of the order
+    state = first.state_dict()
+    order = [int(i) for batch in loader_over(24, 4) for i in batch]
+    assert trained == order[:12]
+
+    exact = loader_over(24, 6)  # 12 rows = 2 batches of 6: nothing twice, nothing skipped
+    exact.load_state_dict(state)
+    assert [int(i) for batch in exact for i in batch] == order[12:] and not recwarn.list
+
+    rounded = loader_over(24, 5)  # 12 rows = 2 batches of 5 + 2 rows: those 2 are trained again, and said
+    rounded.load_state_dict(state)
+    with pytest.warns(UserWarning, match="global batch of 5 rows, not 4: 2 rows the checkpoint had trained on"):
+        rest = [int(i) for batch in rounded for i in batch]
+    assert rest == order[10:]
