@@ -48,6 +48,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -535,6 +536,10 @@ def main(args: list[str] | None = None) -> None:
     for item in options.slurm:
         key, _, value = item.partition("=")
         slurm[key] = yaml.safe_load(value)
+    # A sweep started as a background job of a shell without job control inherits SIGINT ignored; its fits stop on
+    # SIGINT whatever they inherit (FitGuard installs a handler), so the sweep must hear it too, or it would go on
+    # to the next run after its fit stopped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         statuses = run_sweep(sweep, options.out, options.parallel, options.executor, slurm)
     except KeyboardInterrupt:
