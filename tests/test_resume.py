@@ -48,7 +48,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_uninterrupted_weights(
     newest_step = max(torch.load(c, weights_only=True, mmap=True)["global_step"] for c in checkpoints)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, mmap=True)
     assert last["global_step"] == newest_step  # last.ckpt never lags behind the newest step checkpoint
-    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    position = {"epoch": 1, "batches": 2, "batch_size": 4, "ranks": 1}  # 2 batches of 4 rows into the 2nd epoch
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [position]
 
     resumed = run_script(case, hh_dir, tmp_path, "resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
