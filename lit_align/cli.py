@@ -229,9 +229,9 @@ def find_last_checkpoint(config: Namespace) -> Path:
             elif logger is not False and logger is not None:
                 places.append((root / "lightning_logs", "version_*/checkpoints"))
         places.append((root / "checkpoints", ""))
-    found = [path for base, below in places for path in base.glob(f"{below}/last*.ckpt".lstrip("/"))]
+    found = [path for base, below in places for path in base.glob(str(Path(below, "last*.ckpt")))]
     if not found:
-        searched = ", ".join(str(base / below) if below else str(base) for base, below in places)
+        searched = ", ".join(str(base / below) for base, below in places)
         raise CheckpointPathError(f"--ckpt_path last: no last.ckpt in {searched}; give the path")
     return max(found, key=lambda path: path.stat().st_mtime)
 

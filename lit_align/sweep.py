@@ -327,6 +327,7 @@ def execute_run(
     started = time.perf_counter()
     trained = read_status(directory) == EVALUATING  # the fit ended before an interruption: only evaluate again
     write_run_json(directory, run, EVALUATING if trained else RUNNING)
+    interrupted: SweepInterrupted | None = None
     with open(directory / "fit.log", "a", encoding="utf-8") as log:
         try:
             code = 0 if trained else run_to_the_end(command, log)
@@ -334,13 +335,14 @@ def execute_run(
                 write_run_json(directory, run, EVALUATING)
                 code = evaluate_run(directory, evaluate, log)
         except SweepInterrupted as interrupt:
-            status = INTERRUPTED if read_status(directory) == RUNNING else read_status(directory)
-            write_run_json(
-                directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=interrupt.code
-            )
-            raise
-    status = DONE if code == 0 else FAILED
+            interrupted, code = interrupt, interrupt.code
+    if interrupted is not None:  # a run stopped in training resumes; one stopped in evaluation only evaluates again
+        status = INTERRUPTED if read_status(directory) == RUNNING else read_status(directory)
+    else:
+        status = DONE if code == 0 else FAILED
     write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)
+    if interrupted is not None:
+        raise interrupted
     if status == DONE and not keep_checkpoints:
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
     return code
