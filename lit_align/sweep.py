@@ -336,15 +336,18 @@ def execute_run(
                 code = evaluate_run(directory, evaluate, log)
         except SweepInterrupted as interrupt:
             interrupted, code = interrupt, interrupt.code
-    if interrupted is not None:  # a run stopped in training resumes; one stopped in evaluation only evaluates again
-        status = INTERRUPTED if read_status(directory) == RUNNING else read_status(directory)
+    stage = read_status(directory)
+    if interrupted is not None and code == 0 and stage == RUNNING and evaluate:
+        status = EVALUATING  # the fit finished before the Ctrl-C stopped it: the rerun only evaluates
+    elif interrupted is not None and code != 0:  # stopped in training: resumes; stopped in evaluation: evaluates again
+        status = INTERRUPTED if stage == RUNNING else stage
     else:
         status = DONE if code == 0 else FAILED
     write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)
-    if interrupted is not None:
-        raise interrupted
     if status == DONE and not keep_checkpoints:
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    if interrupted is not None:
+        raise interrupted
     return code
 
 

@@ -109,14 +109,34 @@ def statuses(out: Path) -> dict[str, str]:
     return {p.parent.name: json.loads(p.read_text())["status"] for p in (out / "runs").glob("*/run.json")}
 
 
+# Imported by the fits from their working directory: holds a fit before its second step while the file ``hold``
+# exists, so the test's Ctrl-C lands mid-run on any machine (a tiny-llama step is over before a poll sees it).
+HOLD_CALLBACK = """
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class HoldBeforeSecondStep(Callback):
+    def on_train_batch_start(self, trainer, *args):
+        deadline = time.monotonic() + 120
+        while trainer.global_step >= 1 and Path("hold").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+"""
+
+
 def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
     base = write(tmp_path / "base.yaml", TINY_RLOO.format(hh=hh_dir))
-    sweep_file = write(
-        tmp_path / "sweep.yaml",
-        yaml.safe_dump(
-            {"name": "tiny", "config": str(base), "seeds": [0, 1], "grid": {"model.init_args.kl_coef": [0.0, 0.5]}}
-        ),
-    )
+    write(tmp_path / "hold_callback.py", HOLD_CALLBACK)
+    spec = {
+        "name": "tiny",
+        "config": str(base),
+        "set": {"trainer.callbacks": [{"class_path": "hold_callback.HoldBeforeSecondStep"}]},
+        "seeds": [0, 1],
+        "grid": {"model.init_args.kl_coef": [0.0, 0.5]},
+    }
+    sweep_file = write(tmp_path / "sweep.yaml", yaml.safe_dump(spec))
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "lit_align.cli", "sweep", str(sweep_file), "--out", str(out)]
@@ -134,6 +154,7 @@ def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
     # Ctrl-C (SIGINT to the process group, as a terminal sends it) once the next run has saved step 1: the sweep waits
     # for that fit to stop with a checkpoint instead of killing it, marks the run interrupted and exits 130.
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (tmp_path / "hold").touch()
     second = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True, **pipes)
     deadline = time.monotonic() + 300
     started = []
@@ -141,6 +162,8 @@ def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
         started = [p for p in (out / "runs").glob("*/checkpoints/*step=1.ckpt") if p.parts[-3] != finished[0]]
         time.sleep(0.1)
     os.killpg(second.pid, signal.SIGINT)
+    time.sleep(0.5)  # let the fit's handler take the signal before the held step goes on
+    (tmp_path / "hold").unlink()
     stdout, stderr = second.communicate(timeout=300)
     again = f"rerun the same command to resume: lit-align sweep {sweep_file}"
     assert second.returncode == 130 and again in stderr, stdout[-2000:] + stderr[-3000:]
@@ -291,6 +314,39 @@ def test_a_run_interrupted_while_evaluating_is_not_trained_again(tmp_path):
     assert execute_run(failing_fit, directory, run) == 0 and read_status(directory) == DONE
     write_run_json(directory, run, "running")  # interrupted during the fit: the fit runs again
     assert execute_run(failing_fit, directory, run) == 1 and read_status(directory) == "failed"
+
+
+CTRL_C_DURING_A_RUN = """
+import json, os, signal, sys
+from pathlib import Path
+from lit_align.sweep import RunSpec, SweepInterrupted, execute_run, read_status
+
+directory, exit_code, evaluate = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+directory.mkdir()
+# The child sends the sweep its Ctrl-C, then ends with exit_code: 0 as a fit that reached max_steps anyway, 130 as
+# one FitGuard stopped with a checkpoint.
+child = "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(0.5); raise SystemExit(%d)"
+try:
+    execute_run([sys.executable, "-c", child % exit_code], directory, RunSpec("m", {}, 0), evaluate=evaluate)
+except SweepInterrupted as interrupted:
+    print(json.dumps({"raised": interrupted.code, "status": read_status(directory)}))
+"""
+
+
+@pytest.mark.parametrize(
+    "exit_code, evaluate, status",
+    [(130, [], "interrupted"), (0, [], DONE), (0, ["evaluate.yaml"], "evaluating")],
+)
+def test_a_ctrl_c_is_recorded_by_how_the_fit_ended(tmp_path, exit_code, evaluate, status):
+    """The Ctrl-C stops the sweep either way; a fit that stopped early resumes, while one that finished despite it
+    (the signal came during its last step) is done, or only evaluates on the rerun."""
+    script = write(tmp_path / "ctrl_c.py", CTRL_C_DURING_A_RUN)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), str(exit_code), *evaluate],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "interrupted: waiting for the run" in result.stdout, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"raised": exit_code, "status": status}
 
 
 def test_keep_checkpoints_false_deletes_a_done_runs_checkpoints_only(tmp_path):
