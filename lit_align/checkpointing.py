@@ -120,6 +120,8 @@ class SignalStop:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+        if self.received is not None:
+            return  # already stopping: e.g. ``lit-align sweep`` passing on the Ctrl-C this fit got from the terminal
         self.received = signum
         rank_zero_info(
             f"received {signal.Signals(signum).name}: stopping after the current step with a checkpoint "

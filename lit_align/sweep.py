@@ -51,6 +51,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -324,6 +325,8 @@ def execute_run(
     ``lit-align evaluate`` of its exported policy into ``directory/evaluation.json``; records the status in
     run.json (``done`` only when both succeeded). Without ``keep_checkpoints`` a done run's ``checkpoints/`` is
     deleted: the report needs only its logs, ``evaluation.json`` and ``policy/``."""
+    if STOPPING.is_set():  # a --parallel worker took this run just as the sweep was interrupted
+        raise SweepInterrupted(130)
     started = time.perf_counter()
     trained = read_status(directory) == EVALUATING  # the fit ended before an interruption: only evaluate again
     write_run_json(directory, run, EVALUATING if trained else RUNNING)
@@ -354,25 +357,45 @@ def execute_run(
 def run_to_the_end(command: list[str], log) -> int:
     """Run ``command`` (output to ``log``) and return its exit code, also through a Ctrl-C.
 
-    A Ctrl-C in the terminal reaches the fit too (same process group); the fit stops after its current step with a
-    checkpoint (``FitGuard``), which ``subprocess.call`` would cut short by killing it a quarter-second later. So
-    the first interrupt waits for the child to end on its own and is raised again after it; a second one kills
-    it."""
+    A Ctrl-C (or a SIGTERM of the sweep) stops the running children through :func:`stop_running_children`: the fit
+    stops after its current step with a checkpoint (``FitGuard``), which ``subprocess.call`` would cut short by
+    killing it a quarter-second later. So the first interrupt waits for the child to end on its own and is raised
+    again after it, as is the end of a child stopped by another thread's interrupt (``--parallel``); a second
+    interrupt kills it."""
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
+    RUNNING_CHILDREN.add(process)
     interrupts = 0
-    while True:
-        try:
-            code = process.wait()
-            break
-        except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts == 1:
-                print("  interrupted: waiting for the run to save its checkpoint (Ctrl-C again to kill it)", flush=True)
-            else:
-                process.kill()
-    if interrupts:
+    try:
+        while True:
+            try:
+                code = process.wait()
+                break
+            except KeyboardInterrupt:
+                interrupts += 1
+                if interrupts == 1:
+                    print(
+                        "  interrupted: waiting for the run to save its checkpoint (Ctrl-C again to kill it)",
+                        flush=True,
+                    )
+                stop_running_children(kill=interrupts > 1)
+    finally:
+        RUNNING_CHILDREN.discard(process)
+    if interrupts or STOPPING.is_set():
         raise SweepInterrupted(code)
     return code
+
+
+RUNNING_CHILDREN: set[subprocess.Popen] = set()  # the fits and evaluations this sweep runs now
+STOPPING = threading.Event()  # set by the first interrupt: every run ends as interrupted, and no new run starts
+
+
+def stop_running_children(kill: bool = False) -> None:
+    """Send each running child SIGTERM (a fit stops after its step with a checkpoint, as on the terminal's Ctrl-C,
+    which a sweep signalled alone, by its PID or a scheduler, would not pass on), or SIGKILL with ``kill``."""
+    STOPPING.set()
+    for process in list(RUNNING_CHILDREN):
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -478,6 +501,7 @@ def check_configs(jobs: list[tuple]) -> None:
 
 def run_locally(jobs: list[tuple], parallel: int) -> None:
     """Up to ``parallel`` fits at a time as child processes; each child's own threads share the machine."""
+    STOPPING.clear()
     if parallel == 1:
         for job in jobs:
             _, directory, run = job[:3]
@@ -494,11 +518,16 @@ def run_locally(jobs: list[tuple], parallel: int) -> None:
         try:
             for name, code in codes:
                 print(f"  {name}: {DONE if code == 0 else f'{FAILED} (exit {code})'}", flush=True)
-        except KeyboardInterrupt:  # in this thread; the running fits got the Ctrl-C too and are saving checkpoints
+        except KeyboardInterrupt:  # in this thread: stop the running fits (each saves a checkpoint), start no new one
             print(
                 "  interrupted: waiting for the running fits to save their checkpoints; no new run starts", flush=True
             )
-            pool.shutdown(wait=True, cancel_futures=True)
+            stop_running_children()
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:
+                stop_running_children(kill=True)
+                pool.shutdown(wait=True, cancel_futures=True)
             raise
 
 
@@ -541,10 +570,11 @@ def main(args: list[str] | None = None) -> None:
     for item in options.slurm:
         key, _, value = item.partition("=")
         slurm[key] = yaml.safe_load(value)
-    # A sweep started as a background job of a shell without job control inherits SIGINT ignored; its fits stop on
-    # SIGINT whatever they inherit (FitGuard installs a handler), so the sweep must hear it too, or it would go on
-    # to the next run after its fit stopped.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Ctrl-C, and a SIGTERM (``kill``, a scheduler) alike, stop the sweep after its running fits saved a checkpoint.
+    # Installed even where SIGINT is inherited ignored (a background job of a shell without job control), or the
+    # sweep would go on to the next run after its fit stopped.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
     try:
         statuses = run_sweep(sweep, options.out, options.parallel, options.executor, slurm)
     except KeyboardInterrupt:

@@ -126,17 +126,22 @@ class HoldBeforeSecondStep(Callback):
 """
 
 
-def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
+def write_held_sweep(tmp_path: Path, hh_dir: Path, seeds: list[int]) -> Path:
+    """A sweep of tiny-llama RLOO runs over two KL coefficients whose fits wait before step 2 while ``hold`` exists."""
     base = write(tmp_path / "base.yaml", TINY_RLOO.format(hh=hh_dir))
     write(tmp_path / "hold_callback.py", HOLD_CALLBACK)
     spec = {
         "name": "tiny",
         "config": str(base),
         "set": {"trainer.callbacks": [{"class_path": "hold_callback.HoldBeforeSecondStep"}]},
-        "seeds": [0, 1],
+        "seeds": seeds,
         "grid": {"model.init_args.kl_coef": [0.0, 0.5]},
     }
-    sweep_file = write(tmp_path / "sweep.yaml", yaml.safe_dump(spec))
+    return write(tmp_path / "sweep.yaml", yaml.safe_dump(spec))
+
+
+def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
+    sweep_file = write_held_sweep(tmp_path, hh_dir, seeds=[0, 1])
     out = tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [sys.executable, "-m", "lit_align.cli", "sweep", str(sweep_file), "--out", str(out)]
@@ -203,6 +208,31 @@ def test_a_killed_sweep_resumes_and_reports(tmp_path, hh_dir):
     for name in ("reward_vs_kl", "trajectories"):
         assert (report / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (report / f"{name}.svg").is_file()
+
+
+def test_a_sweep_stopped_by_its_pid_stops_its_parallel_fits_with_checkpoints(tmp_path, hh_dir):
+    """SIGTERM to the sweep's PID alone (``kill``, a scheduler), which its fits do not get: the sweep passes the stop
+    on, each running fit saves ``last.ckpt`` after its step, both runs are marked interrupted, and it exits 130."""
+    sweep_file = write_held_sweep(tmp_path, hh_dir, seeds=[0])
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "lit_align.cli", "sweep", str(sweep_file), "--out", str(out), "--parallel", "2"]
+    (tmp_path / "hold").touch()
+    sweep = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("runs/*/checkpoints/*step=1.ckpt"))) < 2 and sweep.poll() is None:
+        assert time.monotonic() < deadline, "the fits did not reach step 1"
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    (tmp_path / "hold").unlink()
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 130 and "rerun the same command to resume" in stderr, stdout[-2000:] + stderr[-3000:]
+    assert set(statuses(out).values()) == {"interrupted"} and len(statuses(out)) == 2, statuses(out)
+    for run in (out / "runs").iterdir():
+        log = (run / "fit.log").read_text()
+        assert "stopped by SIGTERM at step 2" in log and "Traceback" not in log, log[-3000:]
+        assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_the_slurm_path_runs_a_job_array_through_submitit(tmp_path, hh_dir, monkeypatch):
@@ -323,9 +353,14 @@ from lit_align.sweep import RunSpec, SweepInterrupted, execute_run, read_status
 
 directory, exit_code, evaluate = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 directory.mkdir()
-# The child sends the sweep its Ctrl-C, then ends with exit_code: 0 as a fit that reached max_steps anyway, 130 as
-# one FitGuard stopped with a checkpoint.
-child = "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(0.5); raise SystemExit(%d)"
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as lit-align sweep does: pytest may run as a background job
+# The child sends the sweep its Ctrl-C, notes the SIGTERM the sweep passes on (as FitGuard would, already stopping),
+# then ends with exit_code: 0 as a fit that reached max_steps anyway, 130 as one FitGuard stopped with a checkpoint.
+child = (
+    "import os, signal, time; from pathlib import Path\\n"
+    "signal.signal(signal.SIGTERM, lambda *_: Path('got_sigterm').touch())\\n"
+    "os.kill(os.getppid(), signal.SIGINT); time.sleep(1); raise SystemExit(%d)"
+)
 try:
     execute_run([sys.executable, "-c", child % exit_code], directory, RunSpec("m", {}, 0), evaluate=evaluate)
 except SweepInterrupted as interrupted:
@@ -343,9 +378,10 @@ def test_a_ctrl_c_is_recorded_by_how_the_fit_ended(tmp_path, exit_code, evaluate
     script = write(tmp_path / "ctrl_c.py", CTRL_C_DURING_A_RUN)
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "run"), str(exit_code), *evaluate],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert "interrupted: waiting for the run" in result.stdout, result.stderr[-2000:]
+    assert (tmp_path / "got_sigterm").is_file()  # the sweep passed the stop on to its child
     assert json.loads(result.stdout.splitlines()[-1]) == {"raised": exit_code, "status": status}
 
 
