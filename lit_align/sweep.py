@@ -66,6 +66,7 @@ SWEEP_KEYS = {
 }  # fmt: skip
 METHOD_KEYS = {"config", "set", "grid", "evaluate"}
 DONE, RUNNING, EVALUATING, FAILED, INTERRUPTED = "done", "running", "evaluating", "failed", "interrupted"
+STOPPED_BY_SIGNAL = {128 + signal.SIGINT, 128 + signal.SIGTERM}  # a fit's exit after a stop with a checkpoint
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,8 @@ def execute_run(
         status = EVALUATING  # the fit finished before the Ctrl-C stopped it: the rerun only evaluates
     elif interrupted is not None and code != 0:  # stopped in training: resumes; stopped in evaluation: evaluates again
         status = INTERRUPTED if stage == RUNNING else stage
+    elif code in STOPPED_BY_SIGNAL:  # the fit alone got the signal (a scheduler's SIGTERM): it saved, it resumes
+        status = INTERRUPTED
     else:
         status = DONE if code == 0 else FAILED
     write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)
@@ -506,18 +509,15 @@ def run_locally(jobs: list[tuple], parallel: int) -> None:
         for job in jobs:
             _, directory, run = job[:3]
             print(f"  {run.name} …", flush=True)
-            code = execute_run(*job)
-            print(
-                f"  {run.name}: {DONE if code == 0 else f'{FAILED} (exit {code}, see {directory}/fit.log)'}", flush=True
-            )
+            print(outcome(run.name, directory, execute_run(*job)), flush=True)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        codes = pool.map(lambda job: (job[2].name, execute_run(*job)), jobs)
+        codes = pool.map(lambda job: (job[1], job[2].name, execute_run(*job)), jobs)
         try:
-            for name, code in codes:
-                print(f"  {name}: {DONE if code == 0 else f'{FAILED} (exit {code})'}", flush=True)
+            for directory, name, code in codes:
+                print(outcome(name, directory, code), flush=True)
         except KeyboardInterrupt:  # in this thread: stop the running fits (each saves a checkpoint), start no new one
             print(
                 "  interrupted: waiting for the running fits to save their checkpoints; no new run starts", flush=True
@@ -529,6 +529,12 @@ def run_locally(jobs: list[tuple], parallel: int) -> None:
                 stop_running_children(kill=True)
                 pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def outcome(name: str, directory: Path, code: int) -> str:
+    """The line a finished run prints: its recorded status, and where to look when it did not succeed."""
+    detail = "" if code == 0 else f" (exit {code}, see {directory}/fit.log)"
+    return f"  {name}: {read_status(directory)}{detail}"
 
 
 def run_on_slurm(jobs: list[tuple], out: Path, parameters: dict[str, Any]) -> None:

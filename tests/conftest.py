@@ -53,6 +53,13 @@ def hh_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_hh_dir(shared_data) -> Path:
+    """Real HH-RLHF pairs only, for tests whose assertion rests on real dialogues (their varied prompts and lengths:
+    a learning signal, padding saved by grouping); they skip in a clone without ../shared."""
+    return shared_data / "hh_rlhf"
+
+
+@pytest.fixture(scope="session")
 def peaked_tiny(tmp_path_factory) -> str:
     """A 2-layer Llama with wide initial weights, saved with the tiny tokenizer: ~4 nats of entropy per token instead
     of ~10.8, so a policy-gradient signal on one token is visible within a few dozen updates."""

@@ -134,11 +134,11 @@ def launch(script: str, world_size: int, *args: str) -> None:
 CALLBACKS = ["elastic_reset", "interpolation", "reference_soup", "online_merging", "reference_sync"]
 
 
-def test_every_callback_under_fsdp2_matches_one_process_and_resumes_from_sharded_checkpoints(tmp_path, hh_dir):
+def test_every_callback_under_fsdp2_matches_one_process_and_resumes_from_sharded_checkpoints(tmp_path, real_hh_dir):
     models = [save_tiny(tmp_path / name, seed) for name, seed in (("base", 5), ("soup_a", 1), ("soup_b", 2))]
     for devices in (1, 2):
         (tmp_path / str(devices)).mkdir()
-        launch("fsdp2_callbacks.py", devices, str(tmp_path / str(devices)), str(hh_dir), *models)
+        launch("fsdp2_callbacks.py", devices, str(tmp_path / str(devices)), str(real_hh_dir), *models)
     for name in CALLBACKS:
         one = torch.load(tmp_path / "1" / f"{name}-full-1.pt")
         two = torch.load(tmp_path / "2" / f"{name}-full-2.pt")

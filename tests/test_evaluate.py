@@ -161,13 +161,13 @@ def test_evaluate_without_a_reward_scores_the_tax_on_another_datamodules_held_ou
     assert row["perplexity_n"] == 4 and row["perplexity"] == pytest.approx(math.exp(sum(sums) / sum(counts)), rel=1e-4)
 
 
-def test_a_list_of_references_is_their_soup(hh_dir, tmp_path, two_policies):
+def test_a_list_of_references_is_their_soup(real_hh_dir, tmp_path, two_policies):
     """``reference: [a, b]`` evaluates against the equal-weight soup, exactly as against the soup written to disk."""
     from callbacks.reference_soup import save_soup
 
     reference, other = two_policies
     soup_dir = save_soup([reference, other], tmp_path / "soup")
-    data = HHDataModule(data_path=str(hh_dir), train_split="test", val_split=None, holdout=12, limit_train=12)
+    data = HHDataModule(data_path=str(real_hh_dir), train_split="test", val_split=None, holdout=12, limit_train=12)
     settings = dict(prompts=6, sampling=SamplingSettings(max_new_tokens=5), seed=0, reference_row=False)
     (in_memory,) = evaluate_policies([other], [reference, other], LexiconSentimentReward(), data, **settings)
     (on_disk,) = evaluate_policies([other], str(soup_dir), LexiconSentimentReward(), data, **settings)

@@ -376,19 +376,19 @@ def train_grpo_on_target_tokens(peaked_tiny, hh_dir, precision: str = "32-true")
     return (before, kl_before, *mean_reward_and_kl(module, data))
 
 
-def test_grpo_raises_the_target_token_reward(peaked_tiny, hh_dir):
-    before, kl_before, after, kl_after = train_grpo_on_target_tokens(peaked_tiny, hh_dir)
+def test_grpo_raises_the_target_token_reward(peaked_tiny, real_hh_dir):
+    before, kl_before, after, kl_after = train_grpo_on_target_tokens(peaked_tiny, real_hh_dir)
     assert kl_before == 0.0  # the policy starts as the reference
     assert after > before + 0.15, (before, after)
     assert kl_after > 0.0
 
 
-def test_bf16_mixed_grpo_raises_the_reward_like_fp32(peaked_tiny, hh_dir):
+def test_bf16_mixed_grpo_raises_the_reward_like_fp32(peaked_tiny, real_hh_dir):
     """configs/imdb/grpo.yaml trains with ``precision: auto``: under bf16 autocast (sampling included) GRPO must
     learn as it does in fp32, both evaluated in fp32 (measured: reward 0.125 → 0.44 in fp32 and → 0.34 in bf16; KL
     to the reference 4.3 and 3.3 nats)."""
-    fp32 = train_grpo_on_target_tokens(peaked_tiny, hh_dir, "32-true")
-    bf16 = train_grpo_on_target_tokens(peaked_tiny, hh_dir, "bf16-mixed")
+    fp32 = train_grpo_on_target_tokens(peaked_tiny, real_hh_dir, "32-true")
+    bf16 = train_grpo_on_target_tokens(peaked_tiny, real_hh_dir, "bf16-mixed")
     assert bf16[0] == fp32[0]  # the same start: evaluation is in fp32
     assert fp32[2] > fp32[0] + 0.15 and bf16[2] > bf16[0] + 0.15, (fp32, bf16)
     assert bf16[2] == pytest.approx(fp32[2], abs=0.15), (fp32, bf16)

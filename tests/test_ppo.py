@@ -58,10 +58,12 @@ def policy_gradient(
     "estimator, samples, batch_size, epochs",
     [("gae", 1, 4, 4), pytest.param("rloo", 4, 4, 3, marks=SLOW), pytest.param("grpo", 4, 4, 3, marks=SLOW)],
 )
-def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, estimator, samples, batch_size, epochs):
+def test_policy_gradient_raises_the_target_token_reward(
+    peaked_tiny, real_hh_dir, estimator, samples, batch_size, epochs
+):
     L.seed_everything(0)
     module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=0.0)
-    data = hh_prompts(hh_dir, batch_size=batch_size)
+    data = hh_prompts(real_hh_dir, batch_size=batch_size)
     data.attach(module.tokenizer, "prompt")
     module.configure_model()
     before, kl_before = evaluate_on_training_prompts(module, data)
@@ -71,7 +73,7 @@ def test_policy_gradient_raises_the_target_token_reward(peaked_tiny, hh_dir, est
     assert after > before + 0.15, (before, after)
 
 
-def test_bf16_mixed_ppo_raises_the_reward_like_fp32(peaked_tiny, hh_dir):
+def test_bf16_mixed_ppo_raises_the_reward_like_fp32(peaked_tiny, real_hh_dir):
     """The GAE run above under bf16 autocast (Lightning's bf16-mixed: fp32 weights, bf16 matmuls, sampling
     included) against fp32, both evaluated in fp32: both raise the reward, by amounts within the noise of sampling
     (measured: reward 0.19 → 0.47 in fp32 and → 0.44 in bf16; KL to the reference 11.8 and 15.4 nats)."""
@@ -79,7 +81,7 @@ def test_bf16_mixed_ppo_raises_the_reward_like_fp32(peaked_tiny, hh_dir):
     for precision in ("32-true", "bf16-mixed"):
         L.seed_everything(0)
         module = policy_gradient(peaked_tiny, "gae", 1, kl_coef=0.0)
-        data = hh_prompts(hh_dir, batch_size=4)
+        data = hh_prompts(real_hh_dir, batch_size=4)
         data.attach(module.tokenizer, "prompt")
         module.configure_model()
         before, _ = evaluate_on_training_prompts(module, data)
@@ -93,7 +95,7 @@ def test_bf16_mixed_ppo_raises_the_reward_like_fp32(peaked_tiny, hh_dir):
 
 
 @pytest.mark.parametrize("estimator, samples", [("gae", 1), pytest.param("rloo", 4, marks=SLOW)])
-def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(peaked_tiny, hh_dir, estimator, samples):
+def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(peaked_tiny, real_hh_dir, estimator, samples):
     # Drift is the exact KL (helpers.exact_kl_to_reference): eval_drift/kl_to_init's k1 mean over 64 samples has a
     # standard error of 0.1-0.3 nats here, which once made β=2 look as far from the reference as β=0 (0.96 vs 0.84)
     # with the default critic. Exact, seed 0: GAE (separate value model, unwhitened) 1.05 vs 0.74 nats (1.11 vs
@@ -104,7 +106,7 @@ def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(peaked_tiny,
     for kl_coef in (0.0, 2.0):
         L.seed_everything(0)
         module = policy_gradient(peaked_tiny, estimator, samples, kl_coef=kl_coef, learning_rate=2e-4, **critic)
-        data = hh_prompts(hh_dir, batch_size=4)
+        data = hh_prompts(real_hh_dir, batch_size=4)
         fit(module, data, max_epochs=2)
         kls[kl_coef] = exact_kl_to_reference(module.eval(), data)
     assert kls[0.0] > 0.3, kls  # unconstrained, the policy drifts

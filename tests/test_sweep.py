@@ -385,6 +385,18 @@ def test_a_ctrl_c_is_recorded_by_how_the_fit_ended(tmp_path, exit_code, evaluate
     assert json.loads(result.stdout.splitlines()[-1]) == {"raised": exit_code, "status": status}
 
 
+def test_a_fit_stopped_by_a_signal_it_alone_got_is_interrupted_not_failed(tmp_path):
+    """A fit that a scheduler's SIGTERM (or a Ctrl-C) reached without the sweep exits 128 + the signal after saving
+    ``last.ckpt``: the run resumes from it, so it is ``interrupted``; any other non-zero exit is ``failed``."""
+    from lit_align.sweep import RunSpec, execute_run, read_status
+
+    for code, status in ((143, "interrupted"), (130, "interrupted"), (1, "failed"), (0, DONE)):
+        directory = tmp_path / str(code)
+        directory.mkdir()
+        fit = [sys.executable, "-c", f"raise SystemExit({code})"]
+        assert execute_run(fit, directory, RunSpec("m", {}, 0)) == code and read_status(directory) == status, code
+
+
 def test_keep_checkpoints_false_deletes_a_done_runs_checkpoints_only(tmp_path):
     """``keep_checkpoints: false``: once a run is done its ``checkpoints/`` goes (the report reads logs, evaluation
     and policy); a failed run keeps them to resume from."""
