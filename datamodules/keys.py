@@ -51,6 +51,8 @@ TEXT = "text"
 # Prompt-mode records of your own data (``TRLFormatDataModule``) may also carry, and batches then hold:
 PROMPT_MESSAGES = "prompt_messages"  # a conversational prompt's {role, content} messages (TRL passes these)
 EXTRA_COLUMNS = "extra_columns"  # a record's other columns ({name: value}); a batch holds each as a list by its name
+# the keyword arguments TRL's reward functions get besides those columns (GRPO calls them so): no column may use them
+REWARD_FUNCTION_ARGUMENTS = ("prompts", "completions", "completion_ids")
 
 # ---- data modes and split roles ------------------------------------------------------------------------
 DATA_MODES = ("prompt", "pair", "unpaired", "text")
@@ -81,6 +83,7 @@ __all__ = [
     "REJECTED_ATTENTION_MASK",
     "REJECTED_COMPLETION_MASK",
     "REJECTED_INPUT_IDS",
+    "REWARD_FUNCTION_ARGUMENTS",
     "SPLITS",
     "TEXT",
 ]

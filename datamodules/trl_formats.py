@@ -28,7 +28,17 @@ from typing import Any
 
 import datamodules.keys as batch_keys
 from datamodules.base import BenchmarkDataModule
-from datamodules.keys import CHOSEN, COMPLETION, EXTRA_COLUMNS, LABEL, PROMPT, PROMPT_MESSAGES, REJECTED, TEXT
+from datamodules.keys import (
+    CHOSEN,
+    COMPLETION,
+    EXTRA_COLUMNS,
+    LABEL,
+    PROMPT,
+    PROMPT_MESSAGES,
+    REJECTED,
+    REWARD_FUNCTION_ARGUMENTS,
+    TEXT,
+)
 from datamodules.readers import DataValidationError, RawRow, read_hub, read_json_file
 
 MESSAGES = "messages"
@@ -45,7 +55,7 @@ KNOWN_COLUMNS = frozenset().union(*FORMATS)
 # names a prompt batch (or TRL's reward-function call) already uses: another column by one of them is refused
 RESERVED_NAMES = frozenset(
     {getattr(batch_keys, name) for name in batch_keys.__all__ if isinstance(getattr(batch_keys, name), str)}
-    | {"prompts", "completions", "completion_ids"}
+    | set(REWARD_FUNCTION_ARGUMENTS)
 )
 ACCEPTED = "; ".join(f"{name}: {', '.join(sorted(columns))}" for columns, (name, _) in FORMATS.items())
 

@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from datamodules.keys import PROMPT, PROMPT_MESSAGES
+from datamodules.keys import PROMPT, PROMPT_MESSAGES, REWARD_FUNCTION_ARGUMENTS
 from lit_align.base import AlignmentModule
 from lit_align.generation import Completions, SamplingSettings
 from lit_align.losses import kl_penalty, masked_mean
@@ -379,7 +379,7 @@ class GRPOModule(RolloutMechanics, AlignmentModule):
     def score(self, sample: Completions) -> Tensor:
         """``[N, F]``: each reward function's score of each completion (NaN where a function returned None)."""
         width = sample.prompt_width
-        passed_otherwise = (PROMPT, PROMPT_MESSAGES, "prompts", "completions", "completion_ids")
+        passed_otherwise = (PROMPT, PROMPT_MESSAGES, *REWARD_FUNCTION_ARGUMENTS)
         columns = {k: v for k, v in sample.batch.items() if isinstance(v, list) and k not in passed_otherwise}
         # conversational data: TRL passes the prompt's messages and each completion as one assistant message
         prompts, completions = sample.prompts, sample.completions

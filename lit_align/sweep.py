@@ -341,14 +341,12 @@ def execute_run(
         except SweepInterrupted as interrupt:
             interrupted, code = interrupt, interrupt.code
     stage = read_status(directory)
-    if interrupted is not None and code == 0 and stage == RUNNING and evaluate:
-        status = EVALUATING  # the fit finished before the Ctrl-C stopped it: the rerun only evaluates
-    elif interrupted is not None and code != 0:  # stopped in training: resumes; stopped in evaluation: evaluates again
-        status = INTERRUPTED if stage == RUNNING else stage
-    elif code in STOPPED_BY_SIGNAL:  # the fit alone got the signal (a scheduler's SIGTERM): it saved, it resumes
-        status = INTERRUPTED
+    if code == 0:  # after a Ctrl-C that came in its last step, a fit that finished still needs its evaluation
+        status = EVALUATING if interrupted is not None and stage == RUNNING and evaluate else DONE
+    elif interrupted is not None or code in STOPPED_BY_SIGNAL:  # also a signal the fit alone got (a scheduler's)
+        status = INTERRUPTED if stage == RUNNING else stage  # stopped in training: resumes; in evaluation: evaluates
     else:
-        status = DONE if code == 0 else FAILED
+        status = FAILED
     write_run_json(directory, run, status, wall_s=round(time.perf_counter() - started, 1), exit_code=code)
     if status == DONE and not keep_checkpoints:
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
